@@ -1,0 +1,382 @@
+"""Frozen, validated configuration dataclasses and the preset loader.
+
+A preset is a Python file defining a module-level `config = Config(...)`.
+`load_config(path, overrides)` executes it and applies `section.field=value`
+overrides. Every dataclass validates itself on construction (and again on every
+`dataclasses.replace`), so a bad value fails in one line before anything is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+class ConfigError(ValueError):
+    """A one-line message naming the config key at fault and what is valid."""
+
+
+def _fail(msg: str) -> typing.NoReturn:
+    raise ConfigError(msg)
+
+
+def _choice(section: str, name: str, value, options) -> None:
+    if value not in options:
+        _fail(f"{section}.{name}={value!r} is not valid; choose one of {', '.join(map(repr, options))}")
+
+
+def _positive(section: str, obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            _fail(f"{section}.{name}={value!r} must be positive")
+
+
+def _type_ok(value, hint) -> tuple[bool, object]:
+    """Does `value` fit the type `hint`? Returns (ok, value coerced: int -> float)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            ok, coerced = _type_ok(value, arg)
+            if ok:
+                return True, coerced
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(_type_ok(v, item)[0] for v in value), value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint), value
+    return isinstance(value, hint), value
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+class _Validated:
+    """Type-checks every field against its annotation, then runs `validate`."""
+
+    section: ClassVar[str] = ""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            hint = typing.get_type_hints(type(self))[f.name]
+            value = getattr(self, f.name)
+            ok, coerced = _type_ok(value, hint)
+            if not ok:
+                _fail(f"{self.section}.{f.name}={value!r} has type {type(value).__name__}; "
+                      f"expected {_type_name(hint)}")
+            object.__setattr__(self, f.name, coerced)
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Validated):
+    section: ClassVar[str] = "model"
+    # Size.
+    vocab_size: int = 50257
+    vocab_multiple: int = 1          # pad the embedding rows to a multiple of this (e.g. 64)
+    seq_len: int = 1024              # trained context length
+    n_layers: int = 12
+    d_model: int = 768
+    n_heads: int = 12
+    n_kv_heads: int | None = None    # None: = n_heads (MHA); 1: MQA; else GQA
+    head_dim: int | None = None      # None: d_model // n_heads
+    # Norms.
+    norm: str = "rmsnorm"            # rmsnorm | layernorm
+    norm_scale: bool = True          # learnable scale (gain)
+    norm_bias: bool = False          # LayerNorm bias
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"       # pre | post
+    # Positions.
+    pos: str = "rope"                # rope | learned | none
+    rope_theta: float = 10000.0
+    yarn_factor: float = 1.0         # 1: YaRN off; s > 1 stretches RoPE to s x the original context
+    yarn_original_len: int | None = None   # None: seq_len
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float | None = None       # None: 0.1 ln(s) + 1
+    # Attention.
+    qk_norm: bool = False
+    attn_bias: bool = False          # biases on the QKV and output projections
+    attn_impl: str = "xla"           # xla | cudnn | einsum
+    # MLP.
+    mlp: str = "swiglu"              # swiglu | geglu | gelu | gelu_tanh | relu2
+    d_ff: int | None = None          # None: derived by d_ff_rule
+    d_ff_rule: str = "auto"          # auto (8/3 for gated, 4 otherwise) | 4x | 8/3
+    d_ff_multiple: int = 64          # the 8/3 rule rounds up to this
+    mlp_bias: bool = False
+    # Embeddings and output.
+    tie_embeddings: bool = True
+    logit_softcap: float | None = None     # cap * tanh(logits / cap)
+    z_loss: float = 0.0                    # coefficient of mean(logsumexp^2)
+    # Init.
+    init: str = "normal"             # normal | xavier | fan_in, for hidden matrices
+    init_std: float = 0.02
+    embed_init: str = "normal"       # normal | xavier | fan_in
+    embed_std: float = 0.02
+    unembed_init: str = "normal"     # untied output head
+    unembed_std: float = 0.02
+    residual_scale: bool = True      # residual-output projections x 1/sqrt(2 n_layers)
+    zero_init_out: bool = False      # residual-output projections start at zero
+    # Numerics and memory.
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = False              # recompute each block in the backward pass
+
+    def validate(self) -> None:
+        s = self.section
+        _positive(s, self, "vocab_size", "vocab_multiple", "seq_len", "n_layers", "d_model", "n_heads",
+                  "n_kv_heads", "head_dim", "norm_eps", "rope_theta", "d_ff", "d_ff_multiple",
+                  "init_std", "embed_std", "unembed_std", "yarn_original_len", "logit_softcap")
+        _choice(s, "norm", self.norm, ("rmsnorm", "layernorm"))
+        _choice(s, "norm_position", self.norm_position, ("pre", "post"))
+        _choice(s, "pos", self.pos, ("rope", "learned", "none"))
+        _choice(s, "attn_impl", self.attn_impl, ("xla", "cudnn", "einsum"))
+        _choice(s, "mlp", self.mlp, ("swiglu", "geglu", "gelu", "gelu_tanh", "relu2"))
+        _choice(s, "d_ff_rule", self.d_ff_rule, ("auto", "4x", "8/3"))
+        for name in ("init", "embed_init", "unembed_init"):
+            _choice(s, name, getattr(self, name), ("normal", "xavier", "fan_in"))
+        for name in ("param_dtype", "compute_dtype"):
+            _choice(s, name, getattr(self, name), FLOAT_DTYPES)
+        if self.norm_bias and self.norm != "layernorm":
+            _fail(f"{s}.norm_bias=True needs {s}.norm='layernorm' (RMSNorm has no bias)")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            _fail(f"{s}.d_model={self.d_model} is not divisible by {s}.n_heads={self.n_heads}; "
+                  f"pick n_heads dividing d_model or set {s}.head_dim")
+        if self.n_heads % self.kv_heads:
+            valid = [k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]
+            _fail(f"{s}.n_heads={self.n_heads} is not divisible by {s}.n_kv_heads={self.kv_heads}; "
+                  f"valid n_kv_heads: {valid}")
+        if self.pos == "rope" and self.head_size % 2:
+            _fail(f"{s}.head_dim={self.head_size} must be even for RoPE")
+        if self.yarn_factor < 1.0:
+            _fail(f"{s}.yarn_factor={self.yarn_factor} must be >= 1 (1 disables YaRN)")
+        if self.yarn_factor > 1.0 and self.pos != "rope":
+            _fail(f"{s}.yarn_factor={self.yarn_factor} needs {s}.pos='rope', got {self.pos!r}")
+        if self.yarn_beta_fast <= self.yarn_beta_slow:
+            _fail(f"{s}.yarn_beta_fast={self.yarn_beta_fast} must exceed yarn_beta_slow={self.yarn_beta_slow}")
+        if self.z_loss < 0:
+            _fail(f"{s}.z_loss={self.z_loss} must be >= 0")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def gated(self) -> bool:
+        return self.mlp in ("swiglu", "geglu")
+
+    @property
+    def ff_size(self) -> int:
+        """MLP hidden width: explicit, 4 d, or 8/3 d rounded up to d_ff_multiple."""
+        if self.d_ff is not None:
+            return self.d_ff
+        rule = self.d_ff_rule if self.d_ff_rule != "auto" else ("8/3" if self.gated else "4x")
+        if rule == "4x":
+            return 4 * self.d_model
+        m = self.d_ff_multiple
+        return m * math.ceil(int(8 * self.d_model / 3) / m)
+
+    @property
+    def padded_vocab(self) -> int:
+        return self.vocab_multiple * math.ceil(self.vocab_size / self.vocab_multiple)
+
+    @property
+    def max_len(self) -> int:
+        """Longest sequence the positions support: YaRN stretches RoPE by its factor."""
+        if self.yarn_factor > 1.0:
+            return int((self.yarn_original_len or self.seq_len) * self.yarn_factor)
+        return self.seq_len
+
+
+@dataclass(frozen=True)
+class DataConfig(_Validated):
+    section: ClassVar[str] = "data"
+    path: str = "data/stdlib"        # directory of .bin token shards
+    val_tokens: int = 524_288        # fixed evaluation budget, read in order from the val shards
+    doc_aligned: bool = False        # every window starts at an end-of-text token
+    read_threads: int = 2            # grain read threads (overlap page faults on a cold cache)
+    prefetch: int = 8                # batches grain reads ahead of the training step
+
+    def validate(self) -> None:
+        if not self.path:
+            _fail("data.path is empty; give the directory holding the .bin shards")
+        _positive(self.section, self, "val_tokens")
+        for name in ("read_threads", "prefetch"):
+            if getattr(self, name) < 0:
+                _fail(f"data.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Validated):
+    section: ClassVar[str] = "optim"
+    lr: float = 3e-4
+
+    def validate(self) -> None:
+        _positive(self.section, self, "lr")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Validated):
+    section: ClassVar[str] = "train"
+    steps: int = 1000
+    batch_size: int = 8              # global batch, in sequences
+    log_every: int = 10
+    eval_every: int = 200
+    ckpt_every: int = 500
+    run_dir: str = ""                # "": runs/<config name>
+    seed: int = 0
+
+    def validate(self) -> None:
+        _positive(self.section, self, "steps", "batch_size", "log_every", "eval_every", "ckpt_every")
+
+
+@dataclass(frozen=True)
+class MeshConfig(_Validated):
+    section: ClassVar[str] = "mesh"
+    data: int = -1                   # -1: the devices left over
+    fsdp: int = 1
+    tensor: int = 1
+
+    def validate(self) -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, size in sizes.items():
+            if size == 0 or size < -1:
+                _fail(f"mesh.{name}={size} must be a positive size or -1 (fill the remaining devices)")
+        if sum(size == -1 for size in sizes.values()) > 1:
+            _fail("mesh: at most one of data, fsdp, tensor may be -1")
+
+
+@dataclass(frozen=True)
+class Config(_Validated):
+    section: ClassVar[str] = "config"
+    name: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name != "name"}
+
+
+# --- Overrides and (de)serialization -------------------------------------------------------------
+
+
+def _closest(word: str, options) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid: {', '.join(sorted(options))}"
+
+
+def _section_hints(section: str) -> dict:
+    if section not in SECTIONS:
+        _fail(f"unknown config section {section!r}{_closest(section, SECTIONS)}")
+    return typing.get_type_hints(typing.get_type_hints(Config)[section])
+
+
+def _parse_value(text: str, hint, key: str):
+    """Parse an override's text to the field's annotated type."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if type(None) in args and text.lower() in ("none", "null"):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if hint is int:
+            number = float(text.replace("_", ""))
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if hint is float:
+            return float(text)
+        if typing.get_origin(hint) is tuple:
+            item = typing.get_args(hint)[0]
+            return tuple(_parse_value(t.strip(), item, key) for t in text.split(",") if t.strip())
+    except ValueError:
+        _fail(f"override {key}={text!r}: expected {_type_name(hint)}")
+    return text
+
+
+def apply_overrides(config: Config, overrides) -> Config:
+    """Apply `section.field=value` strings, each parsed to the field's type."""
+    changes: dict[str, dict] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            _fail(f"override {item!r} is not of the form section.field=value (e.g. model.n_layers=4)")
+        hints = _section_hints(section)
+        if name not in hints:
+            _fail(f"unknown key {key!r}{_closest(name, hints)}")
+        changes.setdefault(section, {})[name] = _parse_value(text.strip(), hints[name], key)
+    return dataclasses.replace(config, **{
+        section: dataclasses.replace(getattr(config, section), **fields)
+        for section, fields in changes.items()})
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Inverse of config_to_dict (e.g. a run's config.json); unknown keys fail with a suggestion."""
+    sections = {}
+    for section, values in d.items():
+        if section == "name":
+            continue
+        hints = _section_hints(section)
+        for name in values:
+            if name not in hints:
+                _fail(f"unknown key '{section}.{name}'{_closest(name, hints)}")
+        cls = typing.get_type_hints(Config)[section]
+        sections[section] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    return Config(name=d.get("name", ""), **sections)
+
+
+def load_config(path, overrides=()) -> Config:
+    """Execute the preset file at `path`, take its `config`, and apply the overrides."""
+    path = Path(path)
+    if not path.is_file():
+        _fail(f"config file {str(path)!r} does not exist; presets live in {REPO_ROOT / 'configs'}")
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = getattr(module, "config", None)
+    if not isinstance(config, Config):
+        _fail(f"config file {str(path)!r} must define a module-level `config = Config(...)`")
+    if not config.name:
+        config = dataclasses.replace(config, name=path.stem)
+    return apply_overrides(config, overrides)

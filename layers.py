@@ -1,0 +1,187 @@
+"""Pure-function transformer layers. Parameters come in as dicts of arrays; nothing here
+knows about devices or configs beyond the ModelConfig it is handed.
+
+Shape suffixes: B batch, T query length, S key length, N = B*T rows, D d_model,
+H query heads, K kv heads, G = H // K query heads per kv head, E head_dim, F MLP hidden, V vocab.
+Activations stay 2-D [N, D] around the matmuls (one GEMM per projection), and attention runs
+head-major [B, K, G, T, E]: both measured faster on CPU than the 3-D layout.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# --- Norms ---------------------------------------------------------------------------------------
+
+
+def rms_norm(x, scale, eps):
+    """x / rms(x) * scale, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y if scale is None else y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x, scale, bias, eps):
+    """(x - mean) / std * scale + bias, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def norm(p, x, cfg):
+    """The configured norm; `p` holds its optional "scale" and "bias"."""
+    if cfg.norm == "rmsnorm":
+        return rms_norm(x, p.get("scale"), cfg.norm_eps)
+    return layer_norm(x, p.get("scale"), p.get("bias"), cfg.norm_eps)
+
+
+# --- Rotary positions (RoPE, with YaRN) ----------------------------------------------------------
+
+
+def rope_frequencies(cfg) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [E/2] and the attention temperature factor (mscale).
+
+    Plain RoPE: inv_freq_i = theta^(-2i/E). YaRN (Peng et al., 2023, sec. 3.2-3.4) with factor s:
+    for each dimension, r_i = L_orig / wavelength_i counts its rotations over the original context;
+    a ramp gamma(r) = clip((r - beta_slow) / (beta_fast - beta_slow), 0, 1) keeps high frequencies
+    (gamma = 1) and divides low ones by s (gamma = 0): inv_freq' = (1 - gamma) inv_freq / s + gamma inv_freq.
+    Logits are sharpened by mscale^2 with mscale = 0.1 ln(s) + 1, applied to both q and k.
+    """
+    e = cfg.head_size
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, e, 2, dtype=np.float64) / e)
+    s = cfg.yarn_factor
+    if s == 1.0:
+        return inv_freq, 1.0
+    original_len = cfg.yarn_original_len or cfg.seq_len
+    rotations = original_len * inv_freq / (2 * math.pi)
+    gamma = np.clip((rotations - cfg.yarn_beta_slow) / (cfg.yarn_beta_fast - cfg.yarn_beta_slow), 0.0, 1.0)
+    inv_freq = (1.0 - gamma) * inv_freq / s + gamma * inv_freq
+    mscale = cfg.yarn_mscale if cfg.yarn_mscale is not None else 0.1 * math.log(s) + 1.0
+    return inv_freq, mscale
+
+
+def rope_tables(positions, cfg):
+    """cos and sin tables [..., E/2] for integer positions [...], scaled by YaRN's mscale."""
+    inv_freq, mscale = rope_frequencies(cfg)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    return jnp.cos(angles) * mscale, jnp.sin(angles) * mscale
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the halves (x1, x2) of the last axis by the angle tables (NeoX/LLaMA layout)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+# --- Attention -----------------------------------------------------------------------------------
+
+
+def _einsum_attention(q_BKGTE, k_BKSE, v_BKSE, mask_TS, scale):
+    scores = jnp.einsum("bkgte,bkse->bkgts", q_BKGTE, k_BKSE, preferred_element_type=jnp.float32)
+    # A finite floor, not -inf: a row with every key masked then gives a uniform, not NaN, softmax.
+    scores = jnp.where(mask_TS, scores * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSE.dtype)
+    return jnp.einsum("bkgts,bkse->bkgte", probs, v_BKSE)
+
+
+def attend(q_BKGTE, k_BKSE, v_BKSE, q_pos_T, kv_pos_S, impl):
+    """Causal attention of queries at positions q_pos over keys at kv_pos (kv_pos <= q_pos).
+
+    Query heads are grouped under their kv head (GQA: H = K*G; MQA: K = 1), so keys and values
+    are never repeated. `impl` is "einsum" (explicit head-major einsums), or "xla" / "cudnn"
+    (jax.nn.dot_product_attention, which takes [B, T, H, E] and groups heads the same way).
+    """
+    b, k, g, t, e = q_BKGTE.shape
+    scale = 1.0 / math.sqrt(e)
+    mask_TS = kv_pos_S[None, :] <= q_pos_T[:, None]
+    if impl == "einsum":
+        return _einsum_attention(q_BKGTE, k_BKSE, v_BKSE, mask_TS, scale)
+    q_BTHE = q_BKGTE.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, e)
+    out_BTHE = jax.nn.dot_product_attention(
+        q_BTHE, k_BKSE.transpose(0, 2, 1, 3), v_BKSE.transpose(0, 2, 1, 3),
+        mask=mask_TS[None, None], scale=scale, implementation=impl)
+    return out_BTHE.reshape(b, t, k, g, e).transpose(0, 2, 3, 1, 4)
+
+
+def attention(p, x_ND, positions_T, batch, cfg):
+    """Self-attention block: fused QKV projection, optional QK-norm, RoPE, causal attention,
+    output projection. Returns [N, D].
+
+    The fused weight is laid out [D, K, G + 2, E]: per kv head, its G query heads then one key and
+    one value head, so that sharding the kv-head axis keeps each group whole.
+    """
+    k, e = cfg.kv_heads, cfg.head_size
+    g = cfg.n_heads // k
+    dtype = x_ND.dtype
+    qkv = x_ND @ p["wqkv"].astype(dtype).reshape(cfg.d_model, -1)
+    if "bqkv" in p:
+        qkv = qkv + p["bqkv"].astype(dtype).reshape(-1)
+    qkv_BKCTE = qkv.reshape(batch, -1, k, g + 2, e).transpose(0, 2, 3, 1, 4)
+    q, key, value = qkv_BKCTE[:, :, :g], qkv_BKCTE[:, :, g], qkv_BKCTE[:, :, g + 1]
+    if cfg.qk_norm:
+        q = rms_norm(q, p.get("q_norm"), cfg.norm_eps)
+        key = rms_norm(key, p.get("k_norm"), cfg.norm_eps)
+    if cfg.pos == "rope":
+        cos, sin = rope_tables(positions_T, cfg)
+        q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
+    out_BKGTE = attend(q, key, value, positions_T, positions_T, cfg.attn_impl)
+    out_NF = out_BKGTE.transpose(0, 3, 1, 2, 4).reshape(x_ND.shape[0], cfg.n_heads * e)
+    y = out_NF @ p["wo"].astype(dtype).reshape(-1, cfg.d_model)
+    return y + p["bo"].astype(dtype) if "bo" in p else y
+
+
+# --- MLP -----------------------------------------------------------------------------------------
+
+ACTIVATIONS = {
+    "swiglu": jax.nn.silu,
+    "geglu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+}
+
+
+def mlp(p, x_ND, cfg):
+    """act(x W_in) W_out, or for gated MLPs act(x W_gate) * (x W_up) W_out.
+
+    A gated W_in is one [D, 2, F] weight (gate, up) so both halves come from a single GEMM.
+    """
+    dtype = x_ND.dtype
+    h = x_ND @ p["w_in"].astype(dtype).reshape(cfg.d_model, -1)
+    if "b_in" in p:
+        h = h + p["b_in"].astype(dtype).reshape(-1)
+    act = ACTIVATIONS[cfg.mlp]
+    if cfg.gated:
+        h_N2F = h.reshape(-1, 2, cfg.ff_size)
+        h = act(h_N2F[:, 0]) * h_N2F[:, 1]
+    else:
+        h = act(h)
+    y = h @ p["w_out"].astype(dtype)
+    return y + p["b_out"].astype(dtype) if "b_out" in p else y
+
+
+# --- Embeddings ----------------------------------------------------------------------------------
+
+
+def embed(table_VD, tokens, dtype):
+    """Row lookup: tokens [...] -> [..., D]."""
+    return jnp.take(table_VD, tokens, axis=0).astype(dtype)
+
+
+def unembed(x_ND, w_DV, cfg):
+    """Float32 logits over the real vocabulary [N, vocab_size]: padded rows are sliced off so
+    they never receive probability. Optional soft-cap: cap * tanh(logits / cap)."""
+    logits = jnp.dot(x_ND, w_DV.astype(x_ND.dtype), preferred_element_type=jnp.float32)
+    logits = logits[:, : cfg.vocab_size]
+    if cfg.logit_softcap is not None:
+        logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+    return logits

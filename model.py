@@ -1,0 +1,226 @@
+"""The GPT model: parameter specs, initialization, forward pass and loss.
+
+Parameters are a nested dict of arrays. The transformer blocks share one stacked tree whose
+leaves carry a leading "layers" axis, applied by `jax.lax.scan`, so compile time is flat in depth.
+A per-layer pattern (say dense and MoE blocks alternating) would become one stacked tree per
+block kind, scanned together over the pattern's repeats.
+
+Shape suffixes as in layers.py: B batch, T sequence, N = B*T, D d_model, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+import layers
+from configs.base import ConfigError, ModelConfig
+
+init_ops = jax.nn.initializers
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: its shape, logical axis names (mapped to a mesh by sharding.py), dtype
+    and initializer `init(key, shape, dtype) -> array`."""
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    dtype: str
+    init: Callable
+
+
+# --- Parameter specs -----------------------------------------------------------------------------
+
+
+def _matrix_init(scheme: str, std: float, in_axis, out_axis, scale: float = 1.0, batch_axis=()) -> Callable:
+    """normal(std), Xavier uniform, or fan-in variance scaling, the fans taken over in_axis and
+    out_axis (a stacked weight's layer axis is a batch axis). `scale` multiplies the std."""
+    if scheme == "normal":
+        return init_ops.normal(std * scale)
+    mode, dist = ("fan_avg", "uniform") if scheme == "xavier" else ("fan_in", "normal")
+    return init_ops.variance_scaling(scale ** 2, mode, dist, in_axis, out_axis, batch_axis)
+
+
+def _norm_specs(cfg: ModelConfig, dim: int, stacked: tuple, axes: tuple) -> dict:
+    specs = {}
+    if cfg.norm_scale:
+        specs["scale"] = ParamSpec(stacked + (dim,), axes, cfg.param_dtype, init_ops.ones)
+    if cfg.norm_bias:
+        specs["bias"] = ParamSpec(stacked + (dim,), axes, cfg.param_dtype, init_ops.zeros)
+    return specs
+
+
+def _block_specs(cfg: ModelConfig) -> dict:
+    L, D, H, K, E, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.ff_size
+    G = H // K
+    dt = cfg.param_dtype
+    out_scale = 0.0 if cfg.zero_init_out else (1 / math.sqrt(2 * L) if cfg.residual_scale else 1.0)
+    hidden = lambda in_axis, out_axis, scale=1.0: _matrix_init(cfg.init, cfg.init_std, in_axis, out_axis,
+                                                               scale, batch_axis=(0,))
+    zeros = init_ops.zeros
+    attn = {
+        "wqkv": ParamSpec((L, D, K, G + 2, E), ("layers", "embed", "kv_heads", None, "head_dim"), dt,
+                          hidden(1, (2, 3, 4))),
+        "wo": ParamSpec((L, H, E, D), ("layers", "heads", "head_dim", "embed"), dt,
+                        hidden((1, 2), 3, out_scale)),
+    }
+    if cfg.attn_bias:
+        attn["bqkv"] = ParamSpec((L, K, G + 2, E), ("layers", "kv_heads", None, "head_dim"), dt, zeros)
+        attn["bo"] = ParamSpec((L, D), ("layers", "embed"), dt, zeros)
+    if cfg.qk_norm and cfg.norm_scale:
+        attn["q_norm"] = ParamSpec((L, E), ("layers", "head_dim"), dt, init_ops.ones)
+        attn["k_norm"] = ParamSpec((L, E), ("layers", "head_dim"), dt, init_ops.ones)
+    w_in_shape, w_in_axes = ((L, D, 2, F), ("layers", "embed", None, "mlp")) if cfg.gated else \
+        ((L, D, F), ("layers", "embed", "mlp"))
+    mlp = {
+        "w_in": ParamSpec(w_in_shape, w_in_axes, dt, hidden(1, tuple(range(2, len(w_in_shape))))),
+        "w_out": ParamSpec((L, F, D), ("layers", "mlp", "embed"), dt, hidden(1, 2, out_scale)),
+    }
+    if cfg.mlp_bias:
+        mlp["b_in"] = ParamSpec(w_in_shape[:1] + w_in_shape[2:], w_in_axes[:1] + w_in_axes[2:], dt, zeros)
+        mlp["b_out"] = ParamSpec((L, D), ("layers", "embed"), dt, zeros)
+    norm_axes = ("layers", "norm")
+    return {"attn_norm": _norm_specs(cfg, D, (L,), norm_axes), "attn": attn,
+            "mlp_norm": _norm_specs(cfg, D, (L,), norm_axes), "mlp": mlp}
+
+
+def param_specs(cfg: ModelConfig) -> dict:
+    """Every parameter, declared once: a nested dict of ParamSpec (empty groups left out)."""
+    D, V = cfg.d_model, cfg.padded_vocab
+    specs = {
+        "embed": ParamSpec((V, D), ("vocab", "embed"), cfg.param_dtype,
+                           _matrix_init(cfg.embed_init, cfg.embed_std, 1, 0)),
+        "blocks": _block_specs(cfg),
+    }
+    if cfg.pos == "learned":
+        specs["pos_embed"] = ParamSpec((cfg.seq_len, D), (None, "embed"), cfg.param_dtype,
+                                       _matrix_init(cfg.embed_init, cfg.embed_std, 1, 0))
+    if cfg.norm_position == "pre":  # post-norm blocks already end normalized
+        specs["final_norm"] = _norm_specs(cfg, D, (), ("norm",))
+    if not cfg.tie_embeddings:
+        specs["unembed"] = ParamSpec((D, V), ("embed", "vocab"), cfg.param_dtype,
+                                     _matrix_init(cfg.unembed_init, cfg.unembed_std, 0, 1))
+    return _prune(specs)
+
+
+def _prune(tree: dict) -> dict:
+    pruned = {k: _prune(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    return {k: v for k, v in pruned.items() if v != {}}
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def init_params(cfg: ModelConfig, key) -> dict:
+    """Materialize param_specs. Each parameter's key is folded from its path, so adding or
+    removing one parameter leaves every other parameter's initial value unchanged."""
+    def init_one(path, spec):
+        name = jax.tree_util.keystr(path)
+        leaf_key = jax.random.fold_in(key, zlib.crc32(name.encode()))
+        return spec.init(leaf_key, spec.shape, jnp.dtype(spec.dtype))
+    return jax.tree_util.tree_map_with_path(init_one, param_specs(cfg), is_leaf=_is_spec)
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Total parameter count, padded vocabulary rows included."""
+    specs = jax.tree_util.tree_leaves(param_specs(cfg), is_leaf=_is_spec)
+    return sum(math.prod(s.shape) for s in specs)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * P_matmul + 6 * L * H * E * T.
+
+    P_matmul counts the weights of every matmul: per layer the fused QKV (D (H + 2K) E), the
+    output projection (H E D) and the MLP ((2 if gated else 1) D F + F D), plus the unembedding
+    (D V_padded). Embedding lookups are not matmuls. Each matmul weight costs 2 FLOPs per token
+    forward and 4 backward. Attention's QK^T and PV are 2 * 2 T H E FLOPs per token per layer
+    forward for full attention, half that under the causal mask, times 3 for forward + backward.
+    """
+    D, H, K, E, F, L = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.ff_size, cfg.n_layers
+    per_layer = D * (H + 2 * K) * E + H * E * D + (3 if cfg.gated else 2) * D * F
+    matmul_params = L * per_layer + D * cfg.padded_vocab
+    return 6.0 * matmul_params + 6.0 * L * H * E * seq_len
+
+
+# --- Forward pass --------------------------------------------------------------------------------
+
+
+def block(x_ND, p, positions_T, batch, cfg: ModelConfig):
+    """One transformer block: attention then MLP, each with a residual, pre- or post-norm."""
+    attn = lambda h: layers.attention(p["attn"], h, positions_T, batch, cfg)
+    mlp = lambda h: layers.mlp(p["mlp"], h, cfg)
+    if cfg.norm_position == "pre":
+        x_ND = x_ND + attn(layers.norm(p.get("attn_norm", {}), x_ND, cfg))
+        return x_ND + mlp(layers.norm(p.get("mlp_norm", {}), x_ND, cfg))
+    x_ND = layers.norm(p.get("attn_norm", {}), x_ND + attn(x_ND), cfg)
+    return layers.norm(p.get("mlp_norm", {}), x_ND + mlp(x_ND), cfg)
+
+
+def forward(params, tokens_BT, cfg: ModelConfig):
+    """tokens [B, T] -> float32 logits [B, T, vocab_size]."""
+    b, t = tokens_BT.shape
+    dtype = jnp.dtype(cfg.compute_dtype)
+    positions_T = jnp.arange(t)
+    x_ND = layers.embed(params["embed"], tokens_BT.reshape(-1), dtype)
+    if cfg.pos == "learned":
+        x_ND = (x_ND.reshape(b, t, -1) + params["pos_embed"][:t].astype(dtype)).reshape(b * t, -1)
+
+    def step(x, p):
+        return block(x, p, positions_T, b, cfg), None
+    if cfg.remat:
+        step = jax.checkpoint(step)
+    x_ND, _ = jax.lax.scan(step, x_ND, params["blocks"])
+
+    if cfg.norm_position == "pre":
+        x_ND = layers.norm(params.get("final_norm", {}), x_ND, cfg)
+    w_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
+    return layers.unembed(x_ND, w_DV, cfg).reshape(b, t, -1)
+
+
+def loss_fn(params, batch, cfg: ModelConfig):
+    """Mean next-token cross-entropy (+ z_loss * mean logsumexp^2). Returns (loss, metrics)."""
+    logits_BTV = forward(params, batch["inputs"], cfg)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+    ce = jnp.mean(lse_BT - target_BT)
+    z = jnp.mean(jnp.square(lse_BT))
+    loss = ce + cfg.z_loss * z if cfg.z_loss else ce
+    return loss, {"ce": ce, "z": z}
+
+
+# --- Summary -------------------------------------------------------------------------------------
+
+
+def summary(cfg: ModelConfig) -> str:
+    """A table of every parameter (shape, logical axes, count) with totals and FLOPs per token."""
+    rows = [("parameter", "shape", "logical axes", "count")]
+    flat = jax.tree_util.tree_flatten_with_path(param_specs(cfg), is_leaf=_is_spec)[0]
+    for path, spec in flat:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        rows.append((name, "x".join(map(str, spec.shape)), ",".join(a or "-" for a in spec.axes),
+                     f"{math.prod(spec.shape):,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.append(f"total parameters: {count_params(cfg):,}")
+    lines.append(f"training FLOPs per token at seq_len {cfg.seq_len}: {flops_per_token(cfg, cfg.seq_len):,.0f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from configs.base import load_config
+    parser = argparse.ArgumentParser(description="Print a preset's parameter table, size and FLOPs.")
+    parser.add_argument("--config", required=True, help="a preset file, e.g. configs/quickstart.py")
+    parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. model.n_layers=4")
+    args = parser.parse_args()
+    try:
+        print(summary(load_config(args.config, args.overrides).model))
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}")

@@ -1,0 +1,149 @@
+"""Each layer of layers.py against the float64 NumPy reference, plus RoPE/YaRN properties."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import layers
+import np_reference as ref
+from configs.base import ModelConfig
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+rng = np.random.default_rng(0)
+
+
+def randn(*shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def tiny(**kw):
+    base = dict(vocab_size=50, seq_len=16, n_layers=1, d_model=32, n_heads=4)
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_rms_norm(scale):
+    x, g = randn(5, 32), randn(32) if scale else None
+    out = layers.rms_norm(jnp.asarray(x), None if g is None else jnp.asarray(g), 1e-5)
+    np.testing.assert_allclose(out, ref.rms_norm(x.astype(np.float64), g, 1e-5), **TOL)
+
+
+@pytest.mark.parametrize("scale, bias", [(True, True), (True, False), (False, False)])
+def test_layer_norm(scale, bias):
+    x = randn(5, 32, scale=3.0) + 1.0
+    g, b = (randn(32) if scale else None), (randn(32) if bias else None)
+    out = layers.layer_norm(jnp.asarray(x), g, b, 1e-6)
+    np.testing.assert_allclose(out, ref.layer_norm(x.astype(np.float64), g, b, 1e-6), **TOL)
+
+
+def test_norm_keeps_compute_dtype():
+    x = jnp.ones((3, 8), jnp.bfloat16)
+    assert layers.norm({"scale": jnp.ones(8)}, x, tiny()).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("yarn", [1.0, 4.0])
+def test_rope_matches_reference(yarn):
+    cfg = tiny(head_dim=16, rope_theta=500.0, yarn_factor=yarn)
+    x, pos = randn(12, 16), np.arange(3, 15)
+    cos, sin = layers.rope_tables(jnp.asarray(pos), cfg)
+    np.testing.assert_allclose(layers.apply_rope(jnp.asarray(x), cos, sin),
+                               ref.rope(x.astype(np.float64), pos, cfg), **TOL)
+
+
+@pytest.mark.parametrize("yarn", [1.0, 8.0])
+def test_rope_scores_depend_only_on_relative_position(yarn):
+    cfg = tiny(head_dim=16, yarn_factor=yarn)
+    q, k = jnp.asarray(randn(16)), jnp.asarray(randn(16))
+
+    def score(m, n):
+        cos, sin = layers.rope_tables(jnp.array([m, n]), cfg)
+        rq, rk = layers.apply_rope(jnp.stack([q, k]), cos, sin)
+        return float(rq @ rk)
+    for m, n in [(5, 2), (9, 9), (3, 11)]:
+        assert score(m, n) == pytest.approx(score(m + 37, n + 37), rel=1e-4, abs=1e-4)
+    assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-3)
+
+
+def test_yarn_keeps_high_frequencies_and_stretches_low_ones():
+    plain, _ = layers.rope_frequencies(tiny(head_dim=64, seq_len=256))
+    yarn, mscale = layers.rope_frequencies(tiny(head_dim=64, seq_len=256, yarn_factor=4.0))
+    rotations = 256 * plain / (2 * math.pi)
+    high, low = rotations > 32, rotations < 1
+    assert high.any() and low.any() and (~high & ~low).any()
+    np.testing.assert_allclose(yarn[high], plain[high], rtol=1e-12)
+    np.testing.assert_allclose(yarn[low], plain[low] / 4, rtol=1e-12)
+    mid = ~high & ~low
+    assert np.all(yarn[mid] < plain[mid]) and np.all(yarn[mid] > plain[mid] / 4)
+    assert mscale == pytest.approx(0.1 * math.log(4) + 1)
+    _, custom = layers.rope_frequencies(tiny(head_dim=64, yarn_factor=4.0, yarn_mscale=1.0))
+    assert custom == 1.0
+
+
+def _impls():
+    impls = ["einsum", "xla"]
+    gpu = jax.default_backend() == "gpu"
+    return impls + ["cudnn" if gpu else pytest.param("cudnn", marks=pytest.mark.skip("cudnn needs a GPU"))]
+
+
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("k, g", [(4, 1), (2, 2), (1, 4)], ids=["mha", "gqa", "mqa"])
+def test_attend_matches_reference(impl, k, g):
+    b, t, e = 2, 7, 8
+    dtype = jnp.bfloat16 if impl == "cudnn" else jnp.float32
+    q, key, v = randn(b, k, g, t, e), randn(b, k, t, e), randn(b, k, t, e)
+    pos = jnp.arange(t)
+    out = layers.attend(*(jnp.asarray(a, dtype) for a in (q, key, v)), pos, pos, impl)
+    expected = np.stack([[[ref.causal_attention(*(a.astype(np.float64) for a in (q[i, h, j], key[i, h], v[i, h])))
+                           for j in range(g)] for h in range(k)] for i in range(b)])
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else TOL
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, **tol)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(), dict(n_kv_heads=2, qk_norm=True), dict(n_kv_heads=1, attn_bias=True, pos="none"),
+    dict(qk_norm=True, norm_scale=False, yarn_factor=2.0),
+], ids=["mha-rope", "gqa-qknorm", "mqa-bias-nope", "qknorm-noscale-yarn"])
+def test_attention_block_matches_reference(opts):
+    cfg = tiny(**opts)
+    k, g, e, d = cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_size, cfg.d_model
+    p = {"wqkv": randn(d, k, g + 2, e, scale=0.2), "wo": randn(cfg.n_heads, e, d, scale=0.2)}
+    if cfg.attn_bias:
+        p |= {"bqkv": randn(k, g + 2, e, scale=0.2), "bo": randn(d, scale=0.2)}
+    if cfg.qk_norm and cfg.norm_scale:
+        p |= {"q_norm": randn(e), "k_norm": randn(e)}
+    x = randn(2, 9, d)
+    out = layers.attention({n: jnp.asarray(a) for n, a in p.items()}, jnp.asarray(x.reshape(18, d)),
+                           jnp.arange(9), 2, cfg)
+    p64 = ref.to_float64(p)
+    expected = np.stack([ref.attention(p64, row.astype(np.float64), cfg) for row in x]).reshape(18, d)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "geglu", "gelu", "gelu_tanh", "relu2"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_mlp_matches_reference(kind, bias):
+    cfg = tiny(mlp=kind, d_ff=24, mlp_bias=bias)
+    gated = cfg.gated
+    p = {"w_in": randn(32, 2, 24, scale=0.3) if gated else randn(32, 24, scale=0.3),
+         "w_out": randn(24, 32, scale=0.3)}
+    if bias:
+        p |= {"b_in": randn(2, 24) if gated else randn(24), "b_out": randn(32)}
+    x = randn(6, 32)
+    out = layers.mlp({n: jnp.asarray(a) for n, a in p.items()}, jnp.asarray(x), cfg)
+    np.testing.assert_allclose(out, ref.mlp(ref.to_float64(p), x.astype(np.float64), cfg), rtol=1e-4, atol=1e-5)
+
+
+def test_embed_and_unembed_with_padding_and_softcap():
+    cfg = tiny(vocab_size=50, vocab_multiple=64, logit_softcap=2.0)
+    table = randn(64, 32)
+    tokens = np.array([[0, 49, 7]])
+    x = layers.embed(jnp.asarray(table), jnp.asarray(tokens), jnp.float32)
+    np.testing.assert_array_equal(x, table[tokens])
+    h = randn(3, 32)
+    logits = layers.unembed(jnp.asarray(h), jnp.asarray(table.T), cfg)
+    assert logits.shape == (3, 50) and logits.dtype == jnp.float32
+    expected = 2.0 * np.tanh((h.astype(np.float64) @ table.T.astype(np.float64))[:, :50] / 2.0)
+    np.testing.assert_allclose(logits, expected, **TOL)
+    assert float(jnp.abs(logits).max()) < 2.0

@@ -1,0 +1,213 @@
+"""The whole model: the option grid against the float64 reference, causality, loss at init,
+mixed precision, initializers, and the public helpers (count_params, flops_per_token)."""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model
+import np_reference as ref
+from configs.base import ModelConfig
+
+B, T = 2, 12
+
+
+def tiny(**kw):
+    base = dict(vocab_size=61, seq_len=16, n_layers=2, d_model=32, n_heads=4)
+    return ModelConfig(**{**base, **kw})
+
+
+# Every menu item appears in at least one row.
+GRID = {
+    "llama": dict(),
+    "gpt2": dict(norm="layernorm", norm_bias=True, pos="learned", attn_bias=True, mlp="gelu_tanh",
+                 mlp_bias=True, vocab_multiple=64),
+    "post-norm-untied": dict(norm_position="post", tie_embeddings=False, mlp="gelu", unembed_init="fan_in"),
+    "gqa-qknorm-relu2-softcap": dict(n_kv_heads=2, qk_norm=True, mlp="relu2", logit_softcap=5.0,
+                                     norm_scale=False),
+    "mqa-nope-geglu": dict(n_kv_heads=1, pos="none", mlp="geglu", d_ff=40, init="xavier"),
+    "headdim-yarn-einsum": dict(head_dim=12, yarn_factor=4.0, rope_theta=1e6, attn_impl="einsum",
+                                init="fan_in", embed_init="fan_in"),
+    "layernorm-noscale-zeroinit": dict(norm="layernorm", norm_scale=False, zero_init_out=True,
+                                       d_ff_rule="4x", z_loss=1e-3, remat=True),
+}
+
+
+def params_for(cfg, seed=0):
+    """Initial params with the zero-init and norm gains perturbed so every weight matters."""
+    params = model.init_params(cfg, jax.random.key(seed))
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def tokens(cfg, seed=0, shape=(B, T)):
+    return jax.random.randint(jax.random.key(100 + seed), shape, 0, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("name", GRID)
+def test_forward_matches_float64_reference(name):
+    cfg = tiny(**GRID[name])
+    params, toks = params_for(cfg), tokens(cfg)
+    logits = jax.jit(model.forward, static_argnums=2)(params, toks, cfg)
+    assert logits.shape == (B, T, cfg.vocab_size) and logits.dtype == jnp.float32
+    assert bool(jnp.isfinite(logits).all())
+    expected = ref.forward(ref.to_float64(params), toks, cfg)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", GRID)
+def test_loss_matches_reference_cross_entropy(name):
+    cfg = tiny(**GRID[name])
+    params, toks, targets = params_for(cfg), tokens(cfg), tokens(cfg, seed=1)
+    loss, metrics = model.loss_fn(params, {"inputs": toks, "targets": targets}, cfg)
+    z = ref.forward(ref.to_float64(params), toks, cfg)
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    ce = np.mean(lse - np.take_along_axis(z, np.asarray(targets)[..., None], -1)[..., 0])
+    assert float(metrics["ce"]) == pytest.approx(ce, rel=1e-5)
+    assert float(loss) == pytest.approx(ce + cfg.z_loss * np.mean(lse ** 2), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", GRID)
+def test_causality(name):
+    cfg = tiny(**GRID[name])
+    params, toks = params_for(cfg), tokens(cfg)
+    t = 7
+    changed = toks.at[:, t].set((toks[:, t] + 1) % cfg.vocab_size)
+    a, b = model.forward(params, toks, cfg), model.forward(params, changed, cfg)
+    np.testing.assert_array_equal(a[:, :t], b[:, :t])
+    assert not np.allclose(a[:, t], b[:, t])
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gqa-qknorm-relu2-softcap", "post-norm-untied"])
+def test_fresh_model_loss_is_log_vocab(name):
+    # Small-std output weights give near-uniform predictions (fan-in init of the head would not).
+    cfg = tiny(**{**GRID[name], "unembed_init": "normal"}, vocab_size=512, d_model=64)
+    params = model.init_params(cfg, jax.random.key(0))
+    batch = {"inputs": tokens(cfg, shape=(4, 16)), "targets": tokens(cfg, seed=1, shape=(4, 16))}
+    loss, _ = model.loss_fn(params, batch, cfg)
+    assert abs(float(loss) - math.log(512)) < 0.05 * math.log(512)
+
+
+def test_padded_vocabulary_never_gets_probability():
+    cfg = tiny(vocab_size=61, vocab_multiple=64)
+    params = params_for(cfg)
+    params["embed"] = params["embed"].at[61:].set(100.0)  # would dominate if it leaked
+    logits = model.forward(params, tokens(cfg), cfg)
+    assert logits.shape[-1] == 61
+    grads = jax.grad(lambda p: model.loss_fn(p, {"inputs": tokens(cfg), "targets": tokens(cfg, 1)}, cfg)[0])(params)
+    np.testing.assert_array_equal(grads["embed"][61:], 0.0)
+
+
+def test_bfloat16_compute_with_float32_params():
+    cfg = tiny(compute_dtype="bfloat16", n_kv_heads=2)
+    params, toks = params_for(cfg), tokens(cfg)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    logits = model.forward(params, toks, cfg)
+    assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+    full = model.forward(params, toks, dataclasses.replace(cfg, compute_dtype="float32"))
+    np.testing.assert_allclose(logits, full, atol=0.1)
+    batch = {"inputs": toks, "targets": tokens(cfg, 1)}
+    grads = jax.grad(lambda p: model.loss_fn(p, batch, cfg)[0])(params)
+    assert all(g.dtype == jnp.float32 and bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+def test_bfloat16_params():
+    cfg = tiny(param_dtype="bfloat16", compute_dtype="bfloat16")
+    params = model.init_params(cfg, jax.random.key(0))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    assert bool(jnp.isfinite(model.forward(params, tokens(cfg), cfg)).all())
+
+
+def test_remat_gives_the_same_gradients():
+    cfg = tiny(n_kv_heads=2)
+    params, batch = params_for(cfg), {"inputs": tokens(cfg), "targets": tokens(cfg, 1)}
+    grad = lambda c: jax.grad(lambda p: model.loss_fn(p, batch, c)[0])(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 grad(cfg), grad(dataclasses.replace(cfg, remat=True)))
+
+
+def test_attention_backends_agree_inside_the_model():
+    cfg = tiny(n_kv_heads=2)
+    params, toks = params_for(cfg), tokens(cfg)
+    a = model.forward(params, toks, dataclasses.replace(cfg, attn_impl="xla"))
+    b = model.forward(params, toks, dataclasses.replace(cfg, attn_impl="einsum"))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_program_size_does_not_grow_with_depth():
+    def n_eqns(layers):
+        cfg = tiny(n_layers=layers)
+        params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+        return len(jax.make_jaxpr(model.forward, static_argnums=2)(params, tokens(cfg), cfg).eqns)
+    assert n_eqns(2) == n_eqns(12)
+
+
+# --- Initialization ------------------------------------------------------------------------------
+
+
+def test_normal_init_stds_and_residual_scaling():
+    cfg = ModelConfig(vocab_size=1000, d_model=128, n_heads=4, n_layers=8, init_std=0.02, embed_std=0.05)
+    p = model.init_params(cfg, jax.random.key(0))
+    assert float(p["embed"].std()) == pytest.approx(0.05, rel=0.03)
+    assert float(p["blocks"]["attn"]["wqkv"].std()) == pytest.approx(0.02, rel=0.03)
+    out_std = 0.02 / math.sqrt(2 * 8)
+    assert float(p["blocks"]["attn"]["wo"].std()) == pytest.approx(out_std, rel=0.03)
+    assert float(p["blocks"]["mlp"]["w_out"].std()) == pytest.approx(out_std, rel=0.03)
+    assert float(p["blocks"]["mlp"]["w_in"].std()) == pytest.approx(0.02, rel=0.03)
+    np.testing.assert_array_equal(p["blocks"]["attn_norm"]["scale"], 1.0)
+    unscaled = model.init_params(dataclasses.replace(cfg, residual_scale=False), jax.random.key(0))
+    assert float(unscaled["blocks"]["attn"]["wo"].std()) == pytest.approx(0.02, rel=0.03)
+
+
+def test_xavier_fan_in_and_zero_init():
+    cfg = ModelConfig(vocab_size=1000, d_model=128, n_heads=4, n_layers=2, mlp="gelu",
+                      init="xavier", residual_scale=False, tie_embeddings=False, unembed_init="fan_in")
+    p = model.init_params(cfg, jax.random.key(0))
+    w_in = p["blocks"]["mlp"]["w_in"]  # [L, 128, 512]: uniform(+-sqrt(6 / (128 + 512)))
+    bound = math.sqrt(6 / (128 + 512))
+    assert float(jnp.abs(w_in).max()) <= bound and float(jnp.abs(w_in).max()) > 0.95 * bound
+    assert float(p["unembed"].std()) == pytest.approx(1 / math.sqrt(128), rel=0.03)
+    fan_in = model.init_params(dataclasses.replace(cfg, init="fan_in"), jax.random.key(0))
+    assert float(fan_in["blocks"]["mlp"]["w_out"].std()) == pytest.approx(1 / math.sqrt(512), rel=0.03)
+    zero = model.init_params(dataclasses.replace(cfg, zero_init_out=True), jax.random.key(0))
+    assert not zero["blocks"]["attn"]["wo"].any() and not zero["blocks"]["mlp"]["w_out"].any()
+    assert zero["blocks"]["attn"]["wqkv"].any()
+
+
+def test_adding_a_parameter_leaves_the_others_unchanged():
+    cfg = tiny()
+    a = model.init_params(cfg, jax.random.key(3))
+    b = model.init_params(dataclasses.replace(cfg, qk_norm=True, attn_bias=True), jax.random.key(3))
+    np.testing.assert_array_equal(a["blocks"]["attn"]["wqkv"], b["blocks"]["attn"]["wqkv"])
+    np.testing.assert_array_equal(a["embed"], b["embed"])
+    assert set(b["blocks"]["attn"]) - set(a["blocks"]["attn"]) == {"bqkv", "bo", "q_norm", "k_norm"}
+
+
+# --- Specs, counts, FLOPs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", GRID)
+def test_specs_describe_the_initialized_tree(name):
+    cfg = tiny(**GRID[name])
+    specs = model.param_specs(cfg)
+    params = model.init_params(cfg, jax.random.key(0))
+    is_spec = lambda x: isinstance(x, model.ParamSpec)
+    assert jax.tree.structure(specs, is_leaf=is_spec) == jax.tree.structure(params)
+    for spec, x in zip(jax.tree.leaves(specs, is_leaf=is_spec), jax.tree.leaves(params)):
+        assert spec.shape == x.shape and len(spec.axes) == x.ndim and jnp.dtype(spec.dtype) == x.dtype
+    assert model.count_params(cfg) == sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_flops_per_token_formula():
+    cfg = ModelConfig(vocab_size=1000, vocab_multiple=64, d_model=64, n_heads=4, n_kv_heads=2,
+                      n_layers=3, mlp="swiglu", d_ff=100)
+    e, v = 16, 1024
+    matmul = 3 * (64 * (4 + 2 * 2) * e + 4 * e * 64 + 3 * 64 * 100) + 64 * v
+    assert model.flops_per_token(cfg, 128) == 6 * matmul + 6 * 3 * 4 * e * 128
+    gelu = dataclasses.replace(cfg, mlp="gelu")
+    assert model.flops_per_token(cfg, 128) - model.flops_per_token(gelu, 128) == 6 * 3 * 64 * 100
