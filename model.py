@@ -183,14 +183,21 @@ def forward(params, tokens_BT, cfg: ModelConfig):
 
 
 def loss_fn(params, batch, cfg: ModelConfig):
-    """Mean next-token cross-entropy (+ z_loss * mean logsumexp^2). Returns (loss, metrics)."""
+    """Mean next-token cross-entropy (+ z_loss * mean logsumexp^2). Returns (loss, metrics).
+
+    An optional batch["mask"] [B, T] weights the tokens (0 drops one, e.g. the padding rows of a
+    last validation batch); metrics["tokens"] is the weight summed, for exact means over batches.
+    """
     logits_BTV = forward(params, batch["inputs"], cfg)
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
-    ce = jnp.mean(lse_BT - target_BT)
-    z = jnp.mean(jnp.square(lse_BT))
+    mask_BT = batch.get("mask")
+    weights_BT = jnp.ones_like(lse_BT) if mask_BT is None else mask_BT.astype(jnp.float32)
+    tokens = jnp.sum(weights_BT)
+    mean = lambda x_BT: jnp.sum(weights_BT * x_BT) / jnp.maximum(tokens, 1.0)
+    ce, z = mean(lse_BT - target_BT), mean(jnp.square(lse_BT))
     loss = ce + cfg.z_loss * z if cfg.z_loss else ce
-    return loss, {"ce": ce, "z": z}
+    return loss, {"ce": ce, "z": z, "tokens": tokens}
 
 
 # --- Summary -------------------------------------------------------------------------------------

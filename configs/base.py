@@ -221,7 +221,7 @@ class DataConfig(_Validated):
     path: str = "data/stdlib"        # directory of .bin token shards
     val_tokens: int = 524_288        # fixed evaluation budget, read in order from the val shards
     doc_aligned: bool = False        # every window starts at an end-of-text token
-    read_threads: int = 2            # grain read threads (overlap page faults on a cold cache)
+    read_threads: int = 1            # grain threads reading ahead; 0: read on the training thread
     prefetch: int = 8                # batches grain reads ahead of the training step
 
     def validate(self) -> None:

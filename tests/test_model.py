@@ -211,3 +211,13 @@ def test_flops_per_token_formula():
     assert model.flops_per_token(cfg, 128) == 6 * matmul + 6 * 3 * 4 * e * 128
     gelu = dataclasses.replace(cfg, mlp="gelu")
     assert model.flops_per_token(cfg, 128) - model.flops_per_token(gelu, 128) == 6 * 3 * 64 * 100
+
+
+def test_loss_mask_drops_tokens_exactly():
+    cfg = tiny()
+    params, toks, targets = params_for(cfg), tokens(cfg), tokens(cfg, 1)
+    mask = jnp.ones((B, T)).at[1].set(0.0)
+    loss, metrics = model.loss_fn(params, {"inputs": toks, "targets": targets, "mask": mask}, cfg)
+    row0, _ = model.loss_fn(params, {"inputs": toks[:1], "targets": targets[:1]}, cfg)
+    assert float(loss) == pytest.approx(float(row0), rel=1e-6)
+    assert float(metrics["tokens"]) == T
