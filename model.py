@@ -25,12 +25,15 @@ init_ops = jax.nn.initializers
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One parameter: its shape, logical axis names (mapped to a mesh by sharding.py), dtype
-    and initializer `init(key, shape, dtype) -> array`."""
+    """One parameter: its shape, logical axis names (mapped to a mesh by sharding.py), dtype,
+    initializer `init(key, shape, dtype) -> array`, and for hidden matrices the (input, output)
+    axes of the logical matrix (other axes are batch axes): the fans of the init, and the
+    matrix that Muon orthogonalizes."""
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
     dtype: str
     init: Callable
+    matrix: tuple | None = None
 
 
 # --- Parameter specs -----------------------------------------------------------------------------
@@ -59,14 +62,13 @@ def _block_specs(cfg: ModelConfig) -> dict:
     G = H // K
     dt = cfg.param_dtype
     out_scale = 0.0 if cfg.zero_init_out else (1 / math.sqrt(2 * L) if cfg.residual_scale else 1.0)
-    hidden = lambda in_axis, out_axis, scale=1.0: _matrix_init(cfg.init, cfg.init_std, in_axis, out_axis,
-                                                               scale, batch_axis=(0,))
+    def hidden(shape, axes, in_axis, out_axis, scale=1.0):
+        init = _matrix_init(cfg.init, cfg.init_std, in_axis, out_axis, scale, batch_axis=(0,))
+        return ParamSpec(shape, axes, dt, init, matrix=(in_axis, out_axis))
     zeros = init_ops.zeros
     attn = {
-        "wqkv": ParamSpec((L, D, K, G + 2, E), ("layers", "embed", "kv_heads", None, "head_dim"), dt,
-                          hidden(1, (2, 3, 4))),
-        "wo": ParamSpec((L, H, E, D), ("layers", "heads", "head_dim", "embed"), dt,
-                        hidden((1, 2), 3, out_scale)),
+        "wqkv": hidden((L, D, K, G + 2, E), ("layers", "embed", "kv_heads", None, "head_dim"), 1, (2, 3, 4)),
+        "wo": hidden((L, H, E, D), ("layers", "heads", "head_dim", "embed"), (1, 2), 3, out_scale),
     }
     if cfg.attn_bias:
         attn["bqkv"] = ParamSpec((L, K, G + 2, E), ("layers", "kv_heads", None, "head_dim"), dt, zeros)
@@ -77,8 +79,8 @@ def _block_specs(cfg: ModelConfig) -> dict:
     w_in_shape, w_in_axes = ((L, D, 2, F), ("layers", "embed", None, "mlp")) if cfg.gated else \
         ((L, D, F), ("layers", "embed", "mlp"))
     mlp = {
-        "w_in": ParamSpec(w_in_shape, w_in_axes, dt, hidden(1, tuple(range(2, len(w_in_shape))))),
-        "w_out": ParamSpec((L, F, D), ("layers", "mlp", "embed"), dt, hidden(1, 2, out_scale)),
+        "w_in": hidden(w_in_shape, w_in_axes, 1, tuple(range(2, len(w_in_shape)))),
+        "w_out": hidden((L, F, D), ("layers", "mlp", "embed"), 1, 2, out_scale),
     }
     if cfg.mlp_bias:
         mlp["b_in"] = ParamSpec(w_in_shape[:1] + w_in_shape[2:], w_in_axes[:1] + w_in_axes[2:], dt, zeros)

@@ -236,10 +236,34 @@ class DataConfig(_Validated):
 @dataclass(frozen=True)
 class OptimConfig(_Validated):
     section: ClassVar[str] = "optim"
-    lr: float = 3e-4
+    name: str = "adamw"              # adamw | muon (Muon on the hidden matrices, AdamW on the rest)
+    lr: float = 3e-4                 # peak lr of the hidden matrices (Muon's lr under muon)
+    embed_lr: float | None = None    # None: lr (token and position embeddings)
+    unembed_lr: float | None = None  # None: lr (the untied output head)
+    scalar_lr: float | None = None   # None: lr (norm gains and biases)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1        # decoupled, on matrices only (not on gains and biases)
+    muon_momentum: float = 0.95
+    schedule: str = "cosine"         # cosine | linear | constant | wsd (warmup-stable-decay)
+    warmup_steps: int = 0
+    decay_fraction: float = 0.2      # wsd: the final fraction of the steps that decays
+    min_lr_ratio: float = 0.1        # the schedule ends at min_lr_ratio x peak
+    clip_norm: float | None = 1.0    # global-norm clipping; None: off
 
     def validate(self) -> None:
-        _positive(self.section, self, "lr")
+        s = self.section
+        _choice(s, "name", self.name, ("adamw", "muon"))
+        _choice(s, "schedule", self.schedule, ("cosine", "linear", "constant", "wsd"))
+        _positive(s, self, "lr", "embed_lr", "unembed_lr", "scalar_lr", "eps", "clip_norm")
+        for name in ("b1", "b2", "muon_momentum", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                _fail(f"{s}.{name}={getattr(self, name)} must be in [0, 1]")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            _fail(f"{s}.decay_fraction={self.decay_fraction} must be in (0, 1]")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            _fail(f"{s}.weight_decay and {s}.warmup_steps must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -247,14 +271,21 @@ class TrainConfig(_Validated):
     section: ClassVar[str] = "train"
     steps: int = 1000
     batch_size: int = 8              # global batch, in sequences
+    grad_accum: int = 1              # micro-batches per step (each batch_size / grad_accum)
     log_every: int = 10
     eval_every: int = 200
     ckpt_every: int = 500
+    keep_checkpoints: int = 3        # the last K are kept
     run_dir: str = ""                # "": runs/<config name>
     seed: int = 0
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: from the device table
 
     def validate(self) -> None:
-        _positive(self.section, self, "steps", "batch_size", "log_every", "eval_every", "ckpt_every")
+        _positive(self.section, self, "steps", "batch_size", "grad_accum", "log_every", "eval_every",
+                  "ckpt_every", "keep_checkpoints", "peak_flops")
+        if self.batch_size % self.grad_accum:
+            _fail(f"train.batch_size={self.batch_size} is not divisible by train.grad_accum="
+                  f"{self.grad_accum}; use a batch size that is a multiple of it")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,282 @@
+"""train.py: the optimizer groups and schedules, the step, and whole runs in subprocesses
+(bit-exact resume, SIGTERM, the non-finite guard, shape mismatch, logs and checkpoints)."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import data
+import model
+import train
+from configs.base import (Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, apply_overrides,
+                          config_from_dict)
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.seq_len=32",
+        "train.batch_size=4", "data.val_tokens=256", "train.log_every=1", "train.eval_every=4"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A real byte-level corpus made by `data.prepare` from text files."""
+    root = tmp_path_factory.mktemp("corpus")
+    texts = root / "texts"
+    texts.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["the", "model", "learns", "to", "predict", "next", "token", "from", "text", "data"]
+    for i in range(6):
+        sentences = [" ".join(rng.choice(words, 8)) + "." for _ in range(300)]
+        (texts / f"doc{i}.txt").write_text("\n".join(sentences))
+    data.prepare(str(texts / "*.txt"), "bytes", root / "shards", val_fraction=0.2, workers=1)
+    return root / "shards"
+
+
+def tiny_config(corpus, *overrides) -> Config:
+    cfg = Config(name="tiny", model=ModelConfig(vocab_size=257), data=DataConfig(path=str(corpus)),
+                 optim=OptimConfig(lr=3e-3), train=TrainConfig(steps=10))
+    return apply_overrides(cfg, [*TINY, *overrides])
+
+
+def run_train(corpus, run_dir, *overrides, config="configs/quickstart.py", extra=(), check=True):
+    cmd = [sys.executable, "train.py", "--config", config, *extra, *TINY, f"data.path={corpus}",
+           f"train.run_dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    if check and proc.returncode:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def saved_steps(run_dir):
+    return sorted(int(p.name) for p in (Path(run_dir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def run_config(run_dir) -> Config:
+    return config_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+
+
+def restored_params(run_dir):
+    cfg = run_config(run_dir)
+    tx, _ = train.make_optimizer(cfg)
+    abstract = train.abstract_state(cfg, tx)
+    with train.checkpoint_manager(Path(run_dir) / "checkpoints", keep=3) as manager:
+        return train.restore(manager, manager.latest_step(), abstract)["params"]
+
+
+def step_fn(cfg):
+    tx, schedule = train.make_optimizer(cfg)
+    fn = jax.jit(lambda s, b: train.train_step(s, b, cfg, tx, schedule))
+    return train.init_state(cfg, tx), fn
+
+
+# --- Optimizer and step --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["model.tie_embeddings=false", "model.pos=learned", "model.attn_bias=true", "model.mlp_bias=true"],
+    ["model.qk_norm=true", "model.norm=layernorm", "model.norm_bias=true", "model.mlp=gelu"],
+    ["model.norm_scale=false"]])
+def test_every_parameter_has_exactly_one_group(corpus, overrides):
+    cfg = tiny_config(corpus, *overrides)
+    groups = train.param_groups(cfg)
+    params = model.init_params(cfg.model, jax.random.key(0))
+    assert jax.tree.structure(groups) == jax.tree.structure(params)
+    flat = {jax.tree_util.keystr(p): g for p, g in jax.tree_util.tree_flatten_with_path(groups)[0]}
+    assert set(flat.values()) <= set(train.GROUPS)
+    hidden = {k for k, g in flat.items() if g == "hidden"}
+    assert hidden == {"['blocks']['attn']['wqkv']", "['blocks']['attn']['wo']",
+                      "['blocks']['mlp']['w_in']", "['blocks']['mlp']['w_out']"}
+    assert flat["['embed']"] == "embed"
+    assert all(g == "scalar" for k, g in flat.items() if "norm" in k or k.split("'")[-2].startswith("b"))
+
+
+def test_weight_decay_skips_gains_and_biases(corpus):
+    cfg = tiny_config(corpus, "optim.weight_decay=0.5", "optim.clip_norm=none", "model.attn_bias=true")
+    tx, _ = train.make_optimizer(cfg)
+    params = model.init_params(cfg.model, jax.random.key(0))
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    assert float(jnp.abs(updates["blocks"]["attn"]["wqkv"]).max()) > 0       # decayed
+    assert float(jnp.abs(updates["embed"]).max()) > 0
+    assert float(jnp.abs(updates["blocks"]["attn_norm"]["scale"]).max()) == 0
+    assert float(jnp.abs(updates["blocks"]["attn"]["bo"]).max()) == 0
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("cosine", {0: 0.25, 3: 1.0, 7: 0.55, 11: 0.1}),
+    ("linear", {3: 1.0, 7: 0.55, 11: 0.1}),
+    ("constant", {0: 0.25, 3: 1.0, 11: 1.0}),
+    ("wsd", {3: 1.0, 7: 1.0, 8: 1.0, 9: 0.7, 11: 0.1}),
+])
+def test_schedule_values(schedule, expected):
+    o = OptimConfig(schedule=schedule, warmup_steps=4, min_lr_ratio=0.1, decay_fraction=0.25)
+    fn = train.lr_schedule(o, steps=12, peak=2.0)
+    for step, ratio in expected.items():
+        assert float(fn(step)) == pytest.approx(2.0 * ratio, rel=1e-5), (schedule, step)
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch(corpus):
+    cfg = tiny_config(corpus)
+    state, fn = step_fn(cfg)
+    batch = next(data.train_batches(cfg))
+    state, before = fn(state, batch)
+    _, after = fn(state, batch)
+    assert float(after["loss"]) < float(before["loss"])
+
+
+def test_accumulation_equals_one_larger_batch(corpus):
+    batch = next(data.train_batches(tiny_config(corpus, "train.batch_size=8")))
+    results = []
+    for accum in (1, 4):
+        state, fn = step_fn(tiny_config(corpus, "train.batch_size=8", f"train.grad_accum={accum}"))
+        state, metrics = fn(state, batch)
+        results.append((state["params"], float(metrics["loss"]), float(metrics["grad_norm"])))
+    (p1, l1, g1), (p4, l4, g4) = results
+    assert l1 == pytest.approx(l4, rel=1e-5) and g1 == pytest.approx(g4, rel=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p4)
+
+
+@pytest.mark.parametrize("name, lr", [("adamw", 3e-3), ("muon", 0.02)])
+def test_adamw_and_muon_train_a_tiny_model(corpus, name, lr):
+    cfg = tiny_config(corpus, f"optim.name={name}", f"optim.lr={lr}", "optim.embed_lr=3e-3",
+                      "optim.scalar_lr=3e-3", "train.steps=40", "optim.schedule=constant")
+    state, fn = step_fn(cfg)
+    batches = data.train_batches(cfg)
+    losses = []
+    for _ in range(40):
+        state, metrics = fn(state, next(batches))
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[-5:]) < losses[0] - 1.5, losses
+
+
+def test_muon_orthogonalizes_each_layer_of_the_stacked_matrices(corpus):
+    cfg = tiny_config(corpus, "optim.name=muon", "optim.lr=1.0", "optim.weight_decay=0",
+                      "optim.clip_norm=none", "optim.muon_momentum=0", "optim.schedule=constant")
+    tx, _ = train.make_optimizer(cfg)
+    params = model.init_params(cfg.model, jax.random.key(0))
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    w = updates["blocks"]["mlp"]["w_out"][1]            # layer 1: [F, D], orthogonalized alone
+    singular = np.linalg.svd(np.asarray(w), compute_uv=False)
+    assert singular.max() / singular.min() < 1.6       # Newton-Schulz: near-equal singular values
+
+
+# --- Whole runs ----------------------------------------------------------------------------------
+
+
+def test_end_to_end_run_leaves_logs_and_a_restorable_checkpoint(corpus, tmp_path):
+    run = tmp_path / "run"
+    proc = run_train(corpus, run, "train.steps=8", "train.ckpt_every=4")
+    assert "step 8/8" in proc.stdout and "done: 8 steps" in proc.stdout
+    recs = records(run)
+    assert [r["step"] for r in recs] == list(range(1, 9))
+    assert {"loss", "lr", "grad_norm", "update_norm", "tokens", "tokens_per_s", "step_time"} <= set(recs[0])
+    assert "val_loss" in recs[3] and "val_bpb" in recs[7] and "val_loss" not in recs[4]
+    assert recs[-1]["loss"] < recs[0]["loss"]
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert saved_steps(run) == [4, 8]
+    cfg = run_config(run)
+    assert cfg.train.steps == 8 and cfg.model.d_model == 32 and cfg.name == "quickstart"
+    params = restored_params(run)
+    assert params["blocks"]["attn"]["wqkv"].shape == (2, 32, 2, 3, 16)
+
+
+def test_resume_is_bit_exact(corpus, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    args = ("train.steps=8", "train.ckpt_every=100")
+    run_train(corpus, whole, *args)
+    first = run_train(corpus, split, *args, extra=["--stop-after", "4"])
+    assert "stopped after step 4" in first.stdout and saved_steps(split) == [4]
+    second = run_train(corpus, split, *args)
+    assert "resuming from step 4" in second.stdout
+    assert records(whole) == [{**a, **{k: b[k] for k in ("tokens_per_s", "step_time")}}
+                              for a, b in zip(records(split), records(whole))]
+    jax.tree.map(np.testing.assert_array_equal, restored_params(whole), restored_params(split))
+
+
+def test_sigterm_saves_then_resumes(corpus, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--config", "configs/quickstart.py", *TINY, f"data.path={corpus}",
+           f"train.run_dir={run}", "train.steps=100000", "train.ckpt_every=100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    for line in proc.stdout:                    # wait until training is under way
+        if line.startswith("step") and "/100000" in line and int(line.split()[1].split("/")[0]) >= 3:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM after step" in out
+    stopped = int(out.split("stopped by SIGTERM after step ")[1].split(":")[0])
+    assert saved_steps(run) == [stopped]
+    resumed = run_train(corpus, run, "train.steps=100000", "train.ckpt_every=100000", extra=["--stop-after", "2"])
+    assert f"resuming from step {stopped}" in resumed.stdout and saved_steps(run)[-1] == stopped + 2
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    run = tmp_path / "run"
+    run_train(corpus, run, "train.steps=2", "train.ckpt_every=1")
+    proc = run_train(corpus, run, "train.steps=30", "train.ckpt_every=1", "optim.lr=1e30",
+                     "optim.schedule=constant", check=False)
+    assert proc.returncode != 0
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: non-finite loss") and "at step" in message
+    bad = int(message.split("at step ")[1].split(";")[0])
+    assert saved_steps(run) and all(step < bad for step in saved_steps(run))
+    assert f"the last good checkpoint is step {max(saved_steps(run))}" in message
+
+
+def test_checkpoint_of_another_shape_fails_in_one_line(corpus, tmp_path):
+    run = tmp_path / "run"
+    run_train(corpus, run, "train.steps=2")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    proc = run_train(corpus, run, "train.steps=4", "model.d_model=64", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: checkpoint step 2 in {run / 'checkpoints'}: parameter ['blocks']['attn']['wo'] has "
+        f"shape (2, 2, 16, 32) but the config gives (2, 2, 32, 64); use another train.run_dir or the "
+        f"config that wrote it (nothing was deleted)")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert json.loads((run / "config.json").read_text())["model"]["d_model"] == 32
+
+
+def test_init_from_takes_parameters_only(corpus, tmp_path):
+    source = tmp_path / "source"
+    run_train(corpus, source, "train.steps=3")
+    cfg = dataclasses.replace(run_config(source), optim=OptimConfig(name="muon", lr=0.01))
+    tx, _ = train.make_optimizer(cfg)
+    with train.checkpoint_manager(tmp_path / "fresh", keep=1) as manager:
+        state = train.initial_state(cfg, tx, manager, str(source))
+    assert int(state["step"]) == 0
+    jax.tree.map(np.testing.assert_array_equal, state["params"], restored_params(source))
+
+
+def test_resume_with_another_optimizer_fails_in_one_line(corpus, tmp_path):
+    run = tmp_path / "run"
+    run_train(corpus, run, "train.steps=2")
+    proc = run_train(corpus, run, "train.steps=4", "optim.clip_norm=none", check=False)
+    assert proc.returncode == 1
+    assert "its optimizer state does not fit this config's optim settings" in proc.stderr.strip().splitlines()[-1]
+    assert saved_steps(run) == [2]
+
+
+def test_bad_command_lines(corpus, tmp_path):
+    proc = run_train(corpus, tmp_path / "r", "train.stepz=3", check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("did you mean 'steps'?")
+    proc = run_train(corpus, tmp_path / "r", extra=["--stop-after", "0"], check=False)
+    assert "error: --stop-after=0 must be a positive number of steps" in proc.stderr
+    proc = run_train(corpus, tmp_path / "r", extra=["--init-from", str(tmp_path / "none")], check=False)
+    assert proc.returncode == 1 and "--init-from" in proc.stderr and "no checkpoint found" in proc.stderr
