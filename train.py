@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -25,6 +26,7 @@ from tensorboardX import SummaryWriter
 
 import data
 import model
+import sharding
 from configs.base import Config, ConfigError, OptimConfig, config_to_dict, load_config
 
 # --- Command line --------------------------------------------------------------------------------
@@ -36,8 +38,39 @@ def parse_args(argv=None):
     parser.add_argument("--init-from", help="start from another run's parameters (fine-tuning)")
     parser.add_argument("--stop-after", type=int, help="save and exit after this many steps of this "
                         "invocation (time-sliced jobs); the run resumes where it stopped")
+    parser.add_argument("--coordinator", help="host:port of process 0, for multi-process runs")
+    parser.add_argument("--num-processes", type=int, help="processes in a multi-process run")
+    parser.add_argument("--process-id", type=int, help="this process's index in [0, num-processes)")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.steps=200")
     return parser.parse_args(argv)
+
+
+def say(*parts) -> None:
+    """Console output, from process 0 only."""
+    if jax.process_index() == 0:
+        print(*parts, flush=True)
+
+
+def init_distributed(args) -> None:
+    """Join the run's other processes. Flags or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID name them (localhost, bare clusters); SLURM and TPU pods are detected by
+    jax.distributed itself. A single process needs none of it."""
+    env = os.environ
+    address = args.coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    if address:
+        count = args.num_processes or int(env.get("JAX_NUM_PROCESSES", "0"))
+        index = args.process_id if args.process_id is not None else int(env.get("JAX_PROCESS_ID", "-1"))
+        if count < 1 or not 0 <= index < count:
+            raise SystemExit(f"error: coordinator {address} needs --num-processes N >= 1 and --process-id in "
+                             f"[0, N); got N={count}, id={index}")
+        jax.distributed.initialize(address, count, index)
+    elif int(env.get("SLURM_NTASKS", "1")) > 1:
+        # jax gives each SLURM task the one GPU of its local rank; a task per node takes them all.
+        gpus = int(env.get("SLURM_GPUS_ON_NODE", "0"))
+        one_per_node = int(env.get("SLURM_NTASKS_PER_NODE", "1")) == 1
+        jax.distributed.initialize(local_device_ids=list(range(gpus)) if one_per_node and gpus > 1 else None)
+    elif "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
 
 
 def run_dir(cfg: Config) -> Path:
@@ -126,7 +159,8 @@ def abstract_state(cfg: Config, tx) -> dict:
 def train_step(state, batch, cfg: Config, tx, schedule):
     """One optimizer update from train.grad_accum micro-batches, accumulated with lax.scan."""
     accum = cfg.train.grad_accum
-    micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+    # Micro-batch i takes rows i, i + accum, ...: every device keeps its own rows in each one.
+    micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
     grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
 
     def accumulate(grads, micro_batch):
@@ -198,16 +232,17 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: dict, nam
     return {name: got[name] for name in names}
 
 
-def initial_state(cfg: Config, tx, manager, init_from: str | None) -> dict:
-    """Resume from the run's latest checkpoint, else start from --init-from's parameters or
-    from a fresh init."""
-    abstract = abstract_state(cfg, tx)
+def initial_state(cfg: Config, tx, manager, init_from: str | None, shardings: dict) -> dict:
+    """Resume from the run's latest checkpoint, else start from --init-from's parameters or from a
+    fresh init; either way created directly in its sharded layout (restores reshard on load)."""
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract_state(cfg, tx), shardings)
     step = manager.latest_step()
     if step is not None:
         got = restore(manager, step, abstract)
-        print(f"resuming from step {step} ({manager.directory})")
+        say(f"resuming from step {step} ({manager.directory})")
         return {"params": got["params"], "opt_state": got["opt_state"], **got["meta"]}
-    state = jax.jit(init_state, static_argnums=(0, 1))(cfg, tx)
+    state = jax.jit(init_state, static_argnums=(0, 1), out_shardings=shardings)(cfg, tx)
     if init_from:
         source = Path(init_from)
         source = source / "checkpoints" if (source / "checkpoints").is_dir() else source
@@ -216,8 +251,9 @@ def initial_state(cfg: Config, tx, manager, init_from: str | None) -> dict:
             if other_step is None:
                 raise ConfigError(f"--init-from {init_from}: no checkpoint found in {source}")
             params = restore(other, other_step, abstract, names=("params",))["params"]
-        print(f"initialized parameters from {source} step {other_step}")
-        state = {**state, "params": params, "opt_state": tx.init(params)}
+        say(f"initialized parameters from {source} step {other_step}")
+        opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+        state = {**state, "params": params, "opt_state": opt_state}
     return state
 
 
@@ -308,20 +344,38 @@ class Trainer:
 
     def __init__(self, cfg: Config, args):
         self.cfg, self.dir = cfg, run_dir(cfg)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, self.mesh)
         self.tx, schedule = make_optimizer(cfg)
+        abstract = abstract_state(cfg, self.tx)
+        params = sharding.param_shardings(cfg.model, cfg.mesh.strategy, self.mesh)
+        shardings = sharding.state_shardings(abstract, params, self.mesh)
+        say(sharding.table(cfg.model, cfg.mesh.strategy, self.mesh, abstract, shardings))
         self.manager = checkpoint_manager(self.dir / "checkpoints", cfg.train.keep_checkpoints)
-        self.state = initial_state(cfg, self.tx, self.manager, args.init_from)
+        self.state = initial_state(cfg, self.tx, self.manager, args.init_from, shardings)
         self.start = int(self.state["step"])
-        self.batches = data.train_batches(cfg, self.start)
-        self.val = data.val_batches(cfg)
+        process = (jax.process_index(), jax.process_count())
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self.batches = data.train_batches(cfg, self.start, *process)
+        self.val = [self.to_global(b) for b in data.val_batches(cfg, *process)]
         self.val_bytes = data.val_bytes(cfg)
-        self.step_fn = jax.jit(lambda s, b: train_step(s, b, cfg, self.tx, schedule), donate_argnums=0)
-        self.eval_fn = jax.jit(lambda p, b: eval_step(p, b, cfg))
-        self.logger = Logger(cfg, self.dir, self.start)
+        replicated = sharding.NamedSharding(self.mesh, sharding.PartitionSpec())
+        self.step_fn = jax.jit(lambda s, b: train_step(s, b, cfg, self.tx, schedule), donate_argnums=0,
+                               in_shardings=(shardings, self.batch_sharding), out_shardings=(shardings, replicated))
+        self.eval_fn = jax.jit(lambda p, b: eval_step(p, b, cfg), out_shardings=replicated)
         self.pending = None
-        # Written only once the checkpoint's shapes and the data have been checked.
-        (self.dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        self.logger = None
+        if jax.process_index() == 0:  # one writer: process 0 logs and writes the config
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.logger = Logger(cfg, self.dir, self.start)
+            # Written only once the checkpoint's shapes and the data have been checked.
+            (self.dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+
+    def to_global(self, local: dict) -> dict:
+        """This process's rows of a batch -> one global array sharded over (data, fsdp)."""
+        rows = self.cfg.train.batch_size
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, x, (rows, *x.shape[1:]))
+                for k, x in local.items()}
 
     def flush(self) -> None:
         if self.pending is None:
@@ -340,7 +394,8 @@ class Trainer:
             if self.val_bytes:
                 val["val_bpb"] = total / (math.log(2) * self.val_bytes)
         t = self.cfg.train
-        if step % t.log_every == 0 or step in (self.start + 1, t.steps) or val is not None:
+        logged = step % t.log_every == 0 or step in (self.start + 1, t.steps) or val is not None
+        if logged and self.logger:
             self.logger.log(step, metrics, val)
 
     def run(self, stop_after: int | None) -> None:
@@ -349,7 +404,7 @@ class Trainer:
         end = t.steps if stop_after is None else min(t.steps, self.start + stop_after)
         done = self.start
         for done in range(self.start + 1, end + 1):
-            self.state, metrics = self.step_fn(self.state, next(self.batches))
+            self.state, metrics = self.step_fn(self.state, self.to_global(next(self.batches)))
             val = None
             if done % t.eval_every == 0 or done == t.steps:
                 val = evaluate(self.eval_fn, self.state["params"], self.val)
@@ -362,21 +417,23 @@ class Trainer:
                 break
         self.flush()
         self.manager.wait_until_finished()
-        self.logger.close()
+        if self.logger:
+            self.logger.close()
         where = self.manager.directory
         if stop.name:
-            print(f"stopped by {stop.name} after step {done}: checkpoint saved to {where}; "
-                  f"run the same command to resume")
+            say(f"stopped by {stop.name} after step {done}: checkpoint saved to {where}; "
+                f"run the same command to resume")
         elif done < t.steps:
-            print(f"stopped after step {done} (--stop-after): checkpoint saved to {where}")
+            say(f"stopped after step {done} (--stop-after): checkpoint saved to {where}")
         else:
-            print(f"done: {t.steps} steps; checkpoints in {where}, logs in {self.dir}")
+            say(f"done: {t.steps} steps; checkpoints in {where}, logs in {self.dir}")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.stop_after is not None and args.stop_after < 1:
         raise SystemExit(f"error: --stop-after={args.stop_after} must be a positive number of steps")
+    init_distributed(args)
     try:
         trainer = Trainer(load_config(args.config, args.overrides), args)
     except ConfigError as err:

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+STRATEGIES = ("dp", "fsdp", "tp")    # sharding.RULES has one table for each
 
 
 class ConfigError(ValueError):
@@ -294,8 +295,13 @@ class MeshConfig(_Validated):
     data: int = -1                   # -1: the devices left over
     fsdp: int = 1
     tensor: int = 1
+    strategy: str = "dp"             # dp | fsdp | tp, or a combination such as fsdp+tp
 
     def validate(self) -> None:
+        parts = self.strategy.split("+")
+        if not all(p in STRATEGIES for p in parts) or len(set(parts)) != len(parts):
+            _fail(f"mesh.strategy={self.strategy!r} is not valid; use one of {', '.join(STRATEGIES)} "
+                  f"or a '+' combination such as 'fsdp+tp'")
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         for name, size in sizes.items():
             if size == 0 or size < -1:
