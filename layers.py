@@ -85,39 +85,46 @@ def apply_rope(x, cos, sin):
 # --- Attention -----------------------------------------------------------------------------------
 
 
-def _einsum_attention(q_BKGTE, k_BKSE, v_BKSE, mask_TS, scale):
+def _einsum_attention(q_BKGTE, k_BKSE, v_BKSE, mask_BTS, scale):
     scores = jnp.einsum("bkgte,bkse->bkgts", q_BKGTE, k_BKSE, preferred_element_type=jnp.float32)
     # A finite floor, not -inf: a row with every key masked then gives a uniform, not NaN, softmax.
-    scores = jnp.where(mask_TS, scores * scale, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask_BTS[:, None, None], scores * scale, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSE.dtype)
     return jnp.einsum("bkgts,bkse->bkgte", probs, v_BKSE)
 
 
-def attend(q_BKGTE, k_BKSE, v_BKSE, q_pos_T, kv_pos_S, impl):
-    """Causal attention of queries at positions q_pos over keys at kv_pos (kv_pos <= q_pos).
+def attend(q_BTKGE, k_BSKE, v_BSKE, mask_BTS, impl):
+    """Attention of T queries over S keys. `mask_BTS` (True: may attend) is None for causal
+    self-attention (T == S), or explicit, e.g. over a KV cache with left-padded rows.
 
     Query heads are grouped under their kv head (GQA: H = K*G; MQA: K = 1), so keys and values
-    are never repeated. `impl` is "einsum" (explicit head-major einsums), or "xla" / "cudnn"
-    (jax.nn.dot_product_attention, which takes [B, T, H, E] and groups heads the same way).
+    are never repeated. `impl` is "einsum" (explicit einsums, laid out head-major [B, K, G, T, E]),
+    or "xla" / "cudnn" (jax.nn.dot_product_attention, which takes [B, T, H, E] and groups heads
+    the same way, so the token-major layout of the projections and the cache goes in as it is).
     """
-    b, k, g, t, e = q_BKGTE.shape
+    b, t, k, g, e = q_BTKGE.shape
     scale = 1.0 / math.sqrt(e)
-    mask_TS = kv_pos_S[None, :] <= q_pos_T[:, None]
     if impl == "einsum":
-        return _einsum_attention(q_BKGTE, k_BKSE, v_BKSE, mask_TS, scale)
-    q_BTHE = q_BKGTE.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, e)
+        if mask_BTS is None:
+            mask_BTS = jnp.tril(jnp.ones((t, k_BSKE.shape[1]), bool))[None]
+        out_BKGTE = _einsum_attention(q_BTKGE.transpose(0, 2, 3, 1, 4), k_BSKE.transpose(0, 2, 1, 3),
+                                      v_BSKE.transpose(0, 2, 1, 3), mask_BTS, scale)
+        return out_BKGTE.transpose(0, 3, 1, 2, 4)
     out_BTHE = jax.nn.dot_product_attention(
-        q_BTHE, k_BKSE.transpose(0, 2, 1, 3), v_BKSE.transpose(0, 2, 1, 3),
-        mask=mask_TS[None, None], scale=scale, implementation=impl)
-    return out_BTHE.reshape(b, t, k, g, e).transpose(0, 2, 3, 1, 4)
+        q_BTKGE.reshape(b, t, k * g, e), k_BSKE, v_BSKE, scale=scale, implementation=impl,
+        mask=None if mask_BTS is None else mask_BTS[:, None], is_causal=mask_BTS is None)
+    return out_BTHE.reshape(b, t, k, g, e)
 
 
-def attention(p, x_ND, positions_T, batch, cfg):
-    """Self-attention block: fused QKV projection, optional QK-norm, RoPE, causal attention,
-    output projection. Returns [N, D].
+def attention(p, x_ND, batch, cfg, positions, mask_BTS=None, kv=None):
+    """Self-attention block: fused QKV projection, optional QK-norm, RoPE, attention, output
+    projection. Returns ([N, D], the layer's updated cache or None).
 
-    The fused weight is laid out [D, K, G + 2, E]: per kv head, its G query heads then one key and
-    one value head, so that sharding the kv-head axis keeps each group whole.
+    `positions` are the tokens' positions, [T] or per row [B, T]. `kv` is this layer's cache
+    (k [B, S, K, E], v, index): the new keys and values are written at `index`, and the queries
+    attend over the whole cache under `mask_BTS`. The fused weight is laid out [D, K, G + 2, E]:
+    per kv head, its G query heads then one key and one value head, so that sharding the kv-head
+    axis keeps each group whole.
     """
     k, e = cfg.kv_heads, cfg.head_size
     g = cfg.n_heads // k
@@ -125,18 +132,24 @@ def attention(p, x_ND, positions_T, batch, cfg):
     qkv = x_ND @ p["wqkv"].astype(dtype).reshape(cfg.d_model, -1)
     if "bqkv" in p:
         qkv = qkv + p["bqkv"].astype(dtype).reshape(-1)
-    qkv_BKCTE = qkv.reshape(batch, -1, k, g + 2, e).transpose(0, 2, 3, 1, 4)
-    q, key, value = qkv_BKCTE[:, :, :g], qkv_BKCTE[:, :, g], qkv_BKCTE[:, :, g + 1]
+    qkv_BTKCE = qkv.reshape(batch, -1, k, g + 2, e)
+    q, key, value = qkv_BTKCE[:, :, :, :g], qkv_BTKCE[:, :, :, g], qkv_BTKCE[:, :, :, g + 1]
     if cfg.qk_norm:
         q = rms_norm(q, p.get("q_norm"), cfg.norm_eps)
         key = rms_norm(key, p.get("k_norm"), cfg.norm_eps)
     if cfg.pos == "rope":
-        cos, sin = rope_tables(positions_T, cfg)
-        q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
-    out_BKGTE = attend(q, key, value, positions_T, positions_T, cfg.attn_impl)
-    out_NF = out_BKGTE.transpose(0, 3, 1, 2, 4).reshape(x_ND.shape[0], cfg.n_heads * e)
-    y = out_NF @ p["wo"].astype(dtype).reshape(-1, cfg.d_model)
-    return y + p["bo"].astype(dtype) if "bo" in p else y
+        cos, sin = rope_tables(positions, cfg)                  # [..., T, E/2]
+        heads = lambda table, n: table.reshape(*table.shape[:-1], *(1,) * n, table.shape[-1])
+        q = apply_rope(q, heads(cos, 2), heads(sin, 2))
+        key = apply_rope(key, heads(cos, 1), heads(sin, 1))
+    if kv is not None:
+        cache_k, cache_v, index = kv
+        key = jax.lax.dynamic_update_slice(cache_k, key.astype(cache_k.dtype), (0, index, 0, 0))
+        value = jax.lax.dynamic_update_slice(cache_v, value.astype(cache_v.dtype), (0, index, 0, 0))
+        kv = (key, value, index)
+    out_BTKGE = attend(q, key.astype(dtype), value.astype(dtype), mask_BTS, cfg.attn_impl)
+    y = out_BTKGE.reshape(x_ND.shape[0], cfg.n_heads * e) @ p["wo"].astype(dtype).reshape(-1, cfg.d_model)
+    return (y + p["bo"].astype(dtype) if "bo" in p else y), kv
 
 
 # --- MLP -----------------------------------------------------------------------------------------

@@ -152,36 +152,75 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 # --- Forward pass --------------------------------------------------------------------------------
 
 
-def block(x_ND, p, positions_T, batch, cfg: ModelConfig):
-    """One transformer block: attention then MLP, each with a residual, pre- or post-norm."""
-    attn = lambda h: layers.attention(p["attn"], h, positions_T, batch, cfg)
+def block(x_ND, p, batch, cfg: ModelConfig, positions, mask_BTS=None, kv=None):
+    """One transformer block: attention then MLP, each with a residual, pre- or post-norm.
+    Returns (x, the layer's updated KV cache or None)."""
+    def attn(h):
+        return layers.attention(p["attn"], h, batch, cfg, positions, mask_BTS, kv)
     mlp = lambda h: layers.mlp(p["mlp"], h, cfg)
     if cfg.norm_position == "pre":
-        x_ND = x_ND + attn(layers.norm(p.get("attn_norm", {}), x_ND, cfg))
-        return x_ND + mlp(layers.norm(p.get("mlp_norm", {}), x_ND, cfg))
-    x_ND = layers.norm(p.get("attn_norm", {}), x_ND + attn(x_ND), cfg)
-    return layers.norm(p.get("mlp_norm", {}), x_ND + mlp(x_ND), cfg)
+        a, kv = attn(layers.norm(p.get("attn_norm", {}), x_ND, cfg))
+        x_ND = x_ND + a
+        return x_ND + mlp(layers.norm(p.get("mlp_norm", {}), x_ND, cfg)), kv
+    a, kv = attn(x_ND)
+    x_ND = layers.norm(p.get("attn_norm", {}), x_ND + a, cfg)
+    return layers.norm(p.get("mlp_norm", {}), x_ND + mlp(x_ND), cfg), kv
 
 
-def forward(params, tokens_BT, cfg: ModelConfig):
-    """tokens [B, T] -> float32 logits [B, T, vocab_size]."""
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, start=None) -> dict:
+    """An empty KV cache: per layer k and v [B, max_len, K, E] (GQA stores only the kv heads),
+    stacked on a leading layer axis; `index`, the next slot to write; `start` [B], where each
+    row's tokens begin (rows of a batch of prompts are left-padded to one length)."""
+    shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_size)
+    zeros = jnp.zeros(shape, jnp.dtype(cfg.compute_dtype))
+    start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+    return {"k": zeros, "v": zeros, "index": jnp.zeros((), jnp.int32), "start": start}
+
+
+def _cache_positions(cache: dict, t: int, max_len: int):
+    """Per-row positions [B, T] of the new tokens, and which cache slots each may attend to."""
+    slots_T = cache["index"] + jnp.arange(t)
+    positions_BT = slots_T[None, :] - cache["start"][:, None]
+    keys_S = jnp.arange(max_len)
+    mask_BTS = (keys_S[None, None, :] <= slots_T[None, :, None]) & \
+        (keys_S[None, None, :] >= cache["start"][:, None, None])
+    return positions_BT, mask_BTS
+
+
+def forward(params, tokens_BT, cfg: ModelConfig, cache=None):
+    """tokens [B, T] -> float32 logits [B, T, vocab_size].
+
+    With a cache (init_cache), the tokens continue the cached sequence: their keys and values are
+    written at cache["index"], and (logits, updated cache) is returned. The same layers serve
+    training, prefill and decoding.
+    """
     b, t = tokens_BT.shape
     dtype = jnp.dtype(cfg.compute_dtype)
-    positions_T = jnp.arange(t)
+    if cache is None:
+        positions, mask_BTS = jnp.arange(t), None
+    else:
+        positions, mask_BTS = _cache_positions(cache, t, cache["k"].shape[2])
     x_ND = layers.embed(params["embed"], tokens_BT.reshape(-1), dtype)
     if cfg.pos == "learned":
-        x_ND = (x_ND.reshape(b, t, -1) + params["pos_embed"][:t].astype(dtype)).reshape(b * t, -1)
+        # Left-padding slots have negative positions; clipped, they are masked out as keys anyway.
+        pos = jnp.take(params["pos_embed"], positions, axis=0, mode="clip").astype(dtype)
+        x_ND = (x_ND.reshape(b, t, -1) + pos).reshape(b * t, -1)
 
-    def step(x, p):
-        return block(x, p, positions_T, b, cfg), None
+    def step(x, layer):
+        p, kv = layer
+        return block(x, p, b, cfg, positions, mask_BTS, kv)
     if cfg.remat:
         step = jax.checkpoint(step)
-    x_ND, _ = jax.lax.scan(step, x_ND, params["blocks"])
+    kvs = None if cache is None else (cache["k"], cache["v"], jnp.broadcast_to(cache["index"], (cfg.n_layers,)))
+    x_ND, kvs = jax.lax.scan(step, x_ND, (params["blocks"], kvs))
 
     if cfg.norm_position == "pre":
         x_ND = layers.norm(params.get("final_norm", {}), x_ND, cfg)
     w_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
-    return layers.unembed(x_ND, w_DV, cfg).reshape(b, t, -1)
+    logits_BTV = layers.unembed(x_ND, w_DV, cfg).reshape(b, t, -1)
+    if cache is None:
+        return logits_BTV
+    return logits_BTV, {**cache, "k": kvs[0], "v": kvs[1], "index": cache["index"] + t}
 
 
 def loss_fn(params, batch, cfg: ModelConfig):

@@ -156,6 +156,13 @@ def abstract_state(cfg: Config, tx) -> dict:
     return jax.eval_shape(lambda: init_state(cfg, tx))
 
 
+def state_layout(cfg: Config, tx, mesh) -> tuple[dict, dict]:
+    """The abstract state and where each of its leaves lives on the mesh."""
+    abstract = abstract_state(cfg, tx)
+    params = sharding.param_shardings(cfg.model, cfg.mesh.strategy, mesh)
+    return abstract, sharding.state_shardings(abstract, params, mesh)
+
+
 def train_step(state, batch, cfg: Config, tx, schedule):
     """One optimizer update from train.grad_accum micro-batches, accumulated with lax.scan."""
     accum = cfg.train.grad_accum
@@ -347,9 +354,7 @@ class Trainer:
         self.mesh = sharding.make_mesh(cfg.mesh)
         sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, self.mesh)
         self.tx, schedule = make_optimizer(cfg)
-        abstract = abstract_state(cfg, self.tx)
-        params = sharding.param_shardings(cfg.model, cfg.mesh.strategy, self.mesh)
-        shardings = sharding.state_shardings(abstract, params, self.mesh)
+        abstract, shardings = state_layout(cfg, self.tx, self.mesh)
         say(sharding.table(cfg.model, cfg.mesh.strategy, self.mesh, abstract, shardings))
         self.manager = checkpoint_manager(self.dir / "checkpoints", cfg.train.keep_checkpoints)
         self.state = initial_state(cfg, self.tx, self.manager, args.init_from, shardings)

@@ -92,11 +92,11 @@ def _impls():
 def test_attend_matches_reference(impl, k, g):
     b, t, e = 2, 7, 8
     dtype = jnp.bfloat16 if impl == "cudnn" else jnp.float32
-    q, key, v = randn(b, k, g, t, e), randn(b, k, t, e), randn(b, k, t, e)
-    pos = jnp.arange(t)
-    out = layers.attend(*(jnp.asarray(a, dtype) for a in (q, key, v)), pos, pos, impl)
-    expected = np.stack([[[ref.causal_attention(*(a.astype(np.float64) for a in (q[i, h, j], key[i, h], v[i, h])))
-                           for j in range(g)] for h in range(k)] for i in range(b)])
+    q, key, v = randn(b, t, k, g, e), randn(b, t, k, e), randn(b, t, k, e)
+    out = layers.attend(*(jnp.asarray(a, dtype) for a in (q, key, v)), None, impl)
+    expected = np.stack([[[ref.causal_attention(*(a.astype(np.float64) for a in
+                                                  (q[i, :, h, j], key[i, :, h], v[i, :, h])))
+                           for i in range(b)] for h in range(k)] for j in range(g)]).transpose(2, 3, 1, 0, 4)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else TOL
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, **tol)
 
@@ -114,8 +114,8 @@ def test_attention_block_matches_reference(opts):
     if cfg.qk_norm and cfg.norm_scale:
         p |= {"q_norm": randn(e), "k_norm": randn(e)}
     x = randn(2, 9, d)
-    out = layers.attention({n: jnp.asarray(a) for n, a in p.items()}, jnp.asarray(x.reshape(18, d)),
-                           jnp.arange(9), 2, cfg)
+    out, _ = layers.attention({n: jnp.asarray(a) for n, a in p.items()}, jnp.asarray(x.reshape(18, d)),
+                              2, cfg, jnp.arange(9))
     p64 = ref.to_float64(p)
     expected = np.stack([ref.attention(p64, row.astype(np.float64), cfg) for row in x]).reshape(18, d)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)

@@ -221,3 +221,41 @@ def test_loss_mask_drops_tokens_exactly():
     row0, _ = model.loss_fn(params, {"inputs": toks[:1], "targets": targets[:1]}, cfg)
     assert float(loss) == pytest.approx(float(row0), rel=1e-6)
     assert float(metrics["tokens"]) == T
+
+
+# --- KV cache ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opts", [
+    dict(), dict(n_kv_heads=2), dict(n_kv_heads=1, qk_norm=True), dict(pos="learned", attn_bias=True),
+    dict(n_kv_heads=2, attn_impl="einsum"), dict(yarn_factor=2.0, norm_position="post"),
+], ids=["mha-rope", "gqa", "mqa-qknorm", "learned", "gqa-einsum", "yarn-postnorm"])
+def test_decoding_through_the_cache_matches_the_full_forward(opts):
+    cfg = tiny(**opts)
+    params, toks = params_for(cfg), tokens(cfg)
+    full = model.forward(params, toks, cfg)
+    step = jax.jit(lambda p, x, c: model.forward(p, x, cfg, cache=c))
+    logits, cache = step(params, toks[:, :5], model.init_cache(cfg, B, T))    # prefill 5
+    np.testing.assert_allclose(logits, full[:, :5], rtol=1e-5, atol=1e-5)
+    for t in range(5, T):                                                     # then one at a time
+        logits, cache = step(params, toks[:, t:t + 1], cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+    assert int(cache["index"]) == T and cache["k"].shape == (cfg.n_layers, B, T, cfg.kv_heads, cfg.head_size)
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_left_padded_rows_match_their_prompts_alone(pos):
+    cfg = tiny(pos=pos, n_kv_heads=2)
+    params = params_for(cfg)
+    short, long = tokens(cfg, 1, (1, 4)), tokens(cfg, 2, (1, 7))
+    padded = jnp.concatenate([jnp.zeros((1, 3), short.dtype), short], axis=1)      # left-pad to 7
+    batch = jnp.concatenate([padded, long])
+    cache = model.init_cache(cfg, 2, 9, start=[3, 0])
+    logits, cache = model.forward(params, batch, cfg, cache=cache)
+    nxt = jnp.array([[5], [6]])
+    step_logits, _ = model.forward(params, nxt, cfg, cache=cache)
+    alone_short = model.forward(params, jnp.concatenate([short, nxt[:1]], axis=1), cfg)
+    alone_long = model.forward(params, jnp.concatenate([long, nxt[1:]], axis=1), cfg)
+    np.testing.assert_allclose(logits[0, 3:], alone_short[0, :4], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(step_logits[0, 0], alone_short[0, 4], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(step_logits[1, 0], alone_long[0, 7], rtol=1e-5, atol=1e-5)

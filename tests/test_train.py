@@ -16,6 +16,7 @@ import pytest
 
 import data
 import model
+import sharding
 import train
 from configs.base import (Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, apply_overrides,
                           config_from_dict)
@@ -258,8 +259,9 @@ def test_init_from_takes_parameters_only(corpus, tmp_path):
     run_train(corpus, source, "train.steps=3")
     cfg = dataclasses.replace(run_config(source), optim=OptimConfig(name="muon", lr=0.01))
     tx, _ = train.make_optimizer(cfg)
+    _, shardings = train.state_layout(cfg, tx, sharding.make_mesh(cfg.mesh))
     with train.checkpoint_manager(tmp_path / "fresh", keep=1) as manager:
-        state = train.initial_state(cfg, tx, manager, str(source))
+        state = train.initial_state(cfg, tx, manager, str(source), shardings)
     assert int(state["step"]) == 0
     jax.tree.map(np.testing.assert_array_equal, state["params"], restored_params(source))
 
