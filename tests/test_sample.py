@@ -1,0 +1,221 @@
+"""sample.py: the top-k / top-p filters over many draws, generation through the KV cache (greedy
+against a full recomputation, YaRN past the trained context, left-padded batches, seeds, one
+loop that streams), every one-line error, and the command line end to end on a checkpoint written
+by a tiny train.py run."""
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import data
+import model
+import sample
+import train
+from configs.base import ModelConfig
+from sample import Sampling
+
+REPO = Path(__file__).resolve().parent.parent
+GREEDY = Sampling(temperature=0.0)
+# GQA, and a vocabulary padded 61 -> 64. A wide embedding spreads the logits, so argmax is never a
+# near-tie that float rounding between the cached and the full pass could flip.
+CFG = ModelConfig(vocab_size=61, vocab_multiple=64, seq_len=24, n_layers=2, d_model=32, n_heads=4,
+                  n_kv_heads=2, embed_std=1.0)
+VARIANTS = {
+    "gqa-rope": CFG,
+    "mha-learned": dataclasses.replace(CFG, n_kv_heads=None, pos="learned"),
+    "yarn-past-seq-len": dataclasses.replace(CFG, seq_len=12, yarn_factor=2.0),   # max_len 24
+}
+TINY_RUN = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.seq_len=32", "train.batch_size=4",
+            "data.val_tokens=256", "train.steps=3"]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init_params(CFG, jax.random.key(0))
+
+
+# --- Sampling filters ----------------------------------------------------------------------------
+
+
+def allowed_tokens(logits, top_k, top_p) -> set:
+    """The reference: the top_k likeliest, then the shortest prefix of them (by probability,
+    renormalized) whose mass reaches top_p."""
+    order = np.argsort(-logits)[:top_k]
+    probs = np.exp(logits[order] - logits[order].max())
+    probs /= probs.sum()
+    n = np.searchsorted(np.cumsum(probs), top_p) + 1
+    return set(order[:n].tolist())
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (None, 0.6), (12, 0.5), (1, 1.0), (None, 1e-6)])
+def test_top_k_and_top_p_never_emit_an_excluded_token(top_k, top_p):
+    logits_BV = 2.0 * jax.random.normal(jax.random.key(1), (64, 61))
+    kept = np.isfinite(np.asarray(sample.filter_logits(logits_BV, top_k, top_p)))
+    for row, logits in zip(kept, np.asarray(logits_BV, np.float64)):
+        assert set(np.flatnonzero(row).tolist()) == allowed_tokens(logits, top_k, top_p)
+    # 4000 draws from one row: every token drawn is allowed, and every allowed token is drawn.
+    many_BV = jnp.broadcast_to(logits_BV[0], (4000, 61))
+    draws = jax.jit(sample.sample_next, static_argnums=2)(jax.random.key(2), many_BV, Sampling(1.0, top_k, top_p))
+    assert set(np.unique(draws).tolist()) == allowed_tokens(np.asarray(logits_BV[0], np.float64), top_k, top_p)
+
+
+def test_sampling_values_are_checked():
+    for kwargs, msg in [(dict(temperature=-0.1), "--temperature -0.1 must be >= 0"),
+                        (dict(top_k=0), "--top-k 0 must be >= 1"),
+                        (dict(top_p=0.0), r"--top-p 0.0 must be in \(0, 1\]"),
+                        (dict(top_p=1.5), r"--top-p 1.5 must be in \(0, 1\]")]:
+        with pytest.raises(sample.SampleError, match=msg):
+            Sampling(**kwargs)
+
+
+# --- Generation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_greedy_sample_is_the_argmax_of_a_full_recomputation(name):
+    cfg = VARIANTS[name]
+    params = model.init_params(cfg, jax.random.key(0))
+    prompt = [3, 14, 15, 9, 2, 6, 5, 35, 8, 9]
+    out = sample.generate(params, cfg, [prompt], 14, GREEDY)[0]
+    if cfg.yarn_factor > 1:
+        assert len(prompt) + len(out) > cfg.seq_len      # decoded past the trained context
+    logits = model.forward(params, jnp.array([prompt + out[:-1]]), cfg)[0]
+    assert out == np.argmax(logits[len(prompt) - 1:], axis=-1).tolist()
+
+
+def test_a_batch_of_different_length_prompts_gives_each_row_its_prompt_alone(params):
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [40]]
+    batch = sample.generate(params, CFG, prompts, 10, GREEDY)
+    assert batch == [sample.generate(params, CFG, [p], 10, GREEDY)[0] for p in prompts]
+    # An end-of-text cuts each row at its own first one; the others go on.
+    eot = batch[0][3]
+    cut = [row[:row.index(eot)] if eot in row else row for row in batch]
+    assert sample.generate(params, CFG, prompts, 10, GREEDY, eot=eot) == cut
+
+
+def test_a_fixed_seed_reproduces_the_output_and_filters_hold_in_the_loop(params):
+    prompt = [[7, 7, 1]]
+    hot = Sampling(temperature=3.0)
+    first = sample.generate(params, CFG, prompt, 16, hot, seed=0)
+    assert first == sample.generate(params, CFG, prompt, 16, hot, seed=0)
+    assert first != sample.generate(params, CFG, prompt, 16, hot, seed=1)
+    assert max(first[0]) < CFG.vocab_size            # the padded ids 61..63 are never drawn
+    greedy = sample.generate(params, CFG, prompt, 16, GREEDY)
+    assert sample.generate(params, CFG, prompt, 16, Sampling(3.0, top_k=1), seed=5) == greedy
+
+
+def test_decoding_is_one_loop_that_streams_each_token(params, monkeypatch):
+    traces = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: traces.append(1) or forward(*a, **k))
+    streamed = []
+    out = sample.generate(params, CFG, [[1, 2, 3, 4, 5, 6, 7]], 15, Sampling(1.0), seed=3,
+                          on_token=lambda token_B: streamed.append(int(token_B[0])))
+    assert streamed == out[0] and len(out[0]) == 15
+    assert len(traces) == 2          # the prefill and the loop body, whatever the number of tokens
+
+
+def test_streamer_decodes_utf8_across_tokens_and_stops_at_eot(capsys):
+    enc = data.get_tokenizer("bytes")
+    streamer = sample.Streamer(enc, stop_at=enc.eot_token)
+    printed = []
+    for token in [*"né".encode(), enc.eot_token, *b"after"]:
+        streamer(np.array([token]))
+        printed.append(capsys.readouterr().out)
+    streamer.close()
+    assert printed == ["n", "", "é", "", "", "", "", "", ""]     # 'é' is two byte tokens
+    assert capsys.readouterr().out == "\n"
+
+
+def test_weight_bytes_per_step_counts_what_a_decode_step_reads():
+    untied = dataclasses.replace(CFG, pos="learned", tie_embeddings=False)
+    params = model.init_params(untied, jax.random.key(0))
+    lookups = (untied.padded_vocab + untied.seq_len) * untied.d_model    # rows read, not the tables
+    assert sample.weight_bytes_per_step(params, untied) == 4 * (model.count_params(untied) - lookups)
+
+
+# --- Errors --------------------------------------------------------------------------------------
+
+RANDOM = ["--config", "configs/quickstart.py", "--random-init", "model.n_layers=1", "model.d_model=32",
+          "model.n_heads=2", "model.seq_len=32", "--tokenizer", "bytes"]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Errors must come before any parameters are restored, initialized or compiled."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("parameters loaded before the inputs were checked")
+    monkeypatch.setattr(model, "init_params", refuse)
+    monkeypatch.setattr(train, "restore", refuse)
+
+
+def fails(argv, match):
+    with pytest.raises(SystemExit, match=match) as err:
+        sample.main(argv)
+    assert str(err.value).startswith("error: ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "x" * 31], r"prompt \(32 tokens .*\+ 1 new tokens = 33 > the context of 32 tokens \(model.seq_len\)"),
+    (["--prompt", "abc", "--max-new-tokens", "29"], "= 33 > the context of 32"),
+    (["model.seq_len=16", "model.yarn_factor=2", "--prompt", "x" * 20, "--max-new-tokens", "12"],
+     r"= 33 > the context of 32 tokens \(YaRN: 2 x 16\)"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
+    (["--temperature", "-1"], "--temperature -1.0 must be >= 0"),
+    (["--top-p", "0"], r"--top-p 0.0 must be in \(0, 1\]"),
+    (["--top-p", "1.2"], r"--top-p 1.2 must be in \(0, 1\]"),
+    (["--top-k", "0"], "--top-k 0 must be >= 1"),
+    (["--num-samples", "0"], "--num-samples 0 must be >= 1"),
+    (["--step", "3"], "--step needs --run"),
+    (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file /nonexistent/prompt.txt: no such file"),
+])
+def test_bad_inputs_fail_in_one_line_before_loading(no_loading, extra, match):
+    fails(RANDOM + extra, match)
+
+
+def test_an_empty_prompt_file_and_a_missing_run_or_step_fail_in_one_line(tmp_path, trained_run, no_loading):
+    (tmp_path / "empty.txt").write_text("")
+    fails(RANDOM + ["--prompt-file", str(tmp_path / "empty.txt")], "empty.txt is empty")
+    fails(["--run", str(tmp_path / "nope")], "no train.py run there")
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "config.json").write_text((trained_run / "config.json").read_text())
+    fails(["--run", str(tmp_path / "fresh")], "no checkpoints yet")
+    fails(["--run", str(trained_run), "--step", "2"], "--step 2: .* has checkpoints at steps 3$")
+
+
+# --- End to end ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """Three steps of a tiny model by train.py, on a byte corpus made by data.prepare."""
+    root = tmp_path_factory.mktemp("run")
+    (root / "texts").mkdir()
+    for i in range(4):
+        (root / "texts" / f"doc{i}.txt").write_text("the model learns to predict the next token.\n" * 60)
+    data.prepare(str(root / "texts" / "*.txt"), "bytes", root / "shards", val_fraction=0.25, workers=1)
+    cmd = [sys.executable, "train.py", "--config", "configs/quickstart.py", *TINY_RUN,
+           f"data.path={root / 'shards'}", f"train.run_dir={root / 'run'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root / "run"
+
+
+def test_sample_py_streams_from_a_trained_checkpoint_end_to_end(trained_run, capsys):
+    args = ["--run", str(trained_run), "--prompt", "the model", "--max-new-tokens", "12", "--temperature", "0"]
+    proc = subprocess.run([sys.executable, "sample.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    streamed = proc.stdout
+    assert streamed.startswith("the model") and streamed.endswith("\n")
+    # Two samples at once are not streamed; greedy, each is the streamed one.
+    sample.main(args + ["--num-samples", "2", "--step", "3"])
+    assert capsys.readouterr().out == streamed + "---\n" + streamed
