@@ -213,9 +213,7 @@ def forward(params, tokens_BT, cfg: ModelConfig, cache=None):
     if cfg.remat:
         step = jax.checkpoint(step)
     kvs = None if cache is None else (cache["k"], cache["v"], jnp.broadcast_to(cache["index"], (cfg.n_layers,)))
-    # Decoding reads every weight once per token: unrolled, the layers read their weights in
-    # place instead of copying each layer's slice out of the stack (1.5x faster decode on CPU).
-    x_ND, kvs = jax.lax.scan(step, x_ND, (params["blocks"], kvs), unroll=cache is not None)
+    x_ND, kvs = jax.lax.scan(step, x_ND, (params["blocks"], kvs))
 
     if cfg.norm_position == "pre":
         x_ND = layers.norm(params.get("final_norm", {}), x_ND, cfg)
