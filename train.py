@@ -183,6 +183,13 @@ def train_step(state, batch, cfg: Config, tx, schedule):
     return {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
+def compile_step(cfg: Config, tx, schedule, mesh, shardings: dict):
+    """The jitted step: the state donated and kept in its layout, the batch split over (data, fsdp)."""
+    replicated = sharding.NamedSharding(mesh, sharding.PartitionSpec())
+    return jax.jit(lambda s, b: train_step(s, b, cfg, tx, schedule), donate_argnums=0,
+                   in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, replicated))
+
+
 def eval_step(params, batch, cfg: Config):
     """Summed (not mean) validation loss and token count of one batch, for exact means."""
     _, metrics = model.loss_fn(params, batch, cfg.model)
@@ -364,9 +371,8 @@ class Trainer:
         self.batches = data.train_batches(cfg, self.start, *process)
         self.val = [self.to_global(b) for b in data.val_batches(cfg, *process)]
         self.val_bytes = data.val_bytes(cfg)
+        self.step_fn = compile_step(cfg, self.tx, schedule, self.mesh, shardings)
         replicated = sharding.NamedSharding(self.mesh, sharding.PartitionSpec())
-        self.step_fn = jax.jit(lambda s, b: train_step(s, b, cfg, self.tx, schedule), donate_argnums=0,
-                               in_shardings=(shardings, self.batch_sharding), out_shardings=(shardings, replicated))
         self.eval_fn = jax.jit(lambda p, b: eval_step(p, b, cfg), out_shardings=replicated)
         self.pending = None
         self.logger = None
