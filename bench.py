@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -256,6 +257,62 @@ def in_worker(fn, *args):
         return {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"}
 
 
+# --- Sharding strategies on simulated devices (--mesh) -------------------------------------------
+
+MESH_DEVICES = 4
+MESH_LAYOUTS = {"dp": ["mesh.data=4"], "fsdp": ["mesh.data=1", "mesh.fsdp=4"]}
+
+
+def measure_mesh(config: str, overrides: list, strategy: str, batch: int, seq: int, steps: int,
+                 warmup: int) -> dict:
+    """train.py's sharded step on MESH_DEVICES simulated CPU devices: time and bytes per device."""
+    os.environ["JAX_NUM_CPU_DEVICES"] = str(MESH_DEVICES)  # this fresh worker has not started jax yet
+    import jax
+
+    import sharding
+    import train
+    cfg = load_config(config, [*overrides, f"mesh.strategy={strategy}", *MESH_LAYOUTS[strategy],
+                               f"model.seq_len={seq}", f"train.batch_size={batch}"])
+    mesh = sharding.make_mesh(cfg.mesh)
+    tx, schedule = train.make_optimizer(cfg)
+    _, shardings = train.state_layout(cfg, tx, mesh)
+    state = [jax.jit(train.init_state, static_argnums=(0, 1), out_shardings=shardings)(cfg, tx)]
+    step = train.compile_step(cfg, tx, schedule, mesh, shardings)
+    data = jax.device_put(make_batch(batch, seq, cfg.model.vocab_size), sharding.batch_sharding(mesh))
+
+    def run():
+        state[0], metrics = step(state[0], data)
+        metrics["loss"].block_until_ready()
+    compile_s, seconds = time_steps(run, steps, warmup)
+    per_device = {item: sum(math.prod(a.addressable_shards[0].data.shape) * a.dtype.itemsize
+                            for a in jax.tree.leaves(state[0][item])) for item in ("params", "opt_state")}
+    return {"config": cfg.name, "strategy": strategy, "devices": MESH_DEVICES, "batch": batch, "seq": seq,
+            "ms_per_step": seconds * 1e3, "tokens_per_s": batch * seq / seconds, "compile_s": compile_s,
+            "params_bytes_per_device": per_device["params"], "opt_bytes_per_device": per_device["opt_state"]}
+
+
+def mesh_main(args) -> list[dict]:
+    config = args.config or str(ROOT / "configs" / "quickstart.py")
+    batch, seq, steps = args.batch or 8, args.seq or 256, args.steps or 5
+    rows = [in_worker(measure_mesh, config, args.overrides, s, batch, seq, steps, args.warmup)
+            for s in MESH_LAYOUTS]
+    for row in rows:
+        if "error" in row:
+            raise SystemExit(f"error: {row['error']}")
+    print(f"bench.py --mesh  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  |  {_cpu_name()}, "
+          f"{MESH_DEVICES} simulated devices  |  {rows[0]['config']}, batch {batch} x {seq}, median of {steps}")
+    print("| strategy | ms/step | tokens/s | params / device | optimizer state / device | step time vs dp | memory vs dp |")
+    print("|---|---|---|---|---|---|---|")
+    base = rows[0]
+    for r in rows:
+        total = r["params_bytes_per_device"] + r["opt_bytes_per_device"]
+        base_total = base["params_bytes_per_device"] + base["opt_bytes_per_device"]
+        print(f"| {r['strategy']} | {r['ms_per_step']:,.1f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['params_bytes_per_device'] / 2**20:,.2f} MiB | {r['opt_bytes_per_device'] / 2**20:,.2f} MiB | "
+              f"{r['ms_per_step'] / base['ms_per_step']:.2f}x | {total / base_total:.2f}x |")
+    return rows
+
+
 # --- Cases and tables ----------------------------------------------------------------------------
 
 
@@ -365,14 +422,16 @@ def parse_args(argv):
     parser.add_argument("--suite", action="store_true", help="the standard presets at sizes fitting the device")
     parser.add_argument("--layouts", action="store_true",
                         help="JAX only, each attention backend (attn_impl) on the --config or suite models")
+    parser.add_argument("--mesh", action="store_true", help=f"JAX only: train.py's step under dp and fsdp on "
+                        f"{MESH_DEVICES} simulated CPU devices (default configs/quickstart.py)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc malloc at its defaults (see MALLOC_REUSE)")
     args = parser.parse_args(argv)
     if args.suite and args.config:
         parser.error("give --config or --suite, not both")
-    if not (args.config or args.suite or args.layouts):
-        parser.error("give --config configs/NAME.py, --suite or --layouts")
-    if not args.config and (args.batch or args.seq):
+    if not (args.config or args.suite or args.layouts or args.mesh):
+        parser.error("give --config configs/NAME.py, --suite, --layouts or --mesh")
+    if not args.config and not args.mesh and (args.batch or args.seq):
         parser.error("--batch and --seq go with --config; the suite's sizes are fixed (SUITE in bench.py)")
     for name in ("batch", "seq", "steps"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
@@ -409,6 +468,11 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {err}")
     if not args.default_malloc:
         os.environ["GLIBC_TUNABLES"] = MALLOC_REUSE  # read by each spawned worker at startup
+    if args.mesh:
+        rows = mesh_main(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        return
     start_busy, start_own, start = *cpu_seconds(), time.perf_counter()
     dev = devices()
     steps = args.steps or (5 if args.suite or not args.config else 10)

@@ -7,7 +7,7 @@ metrics are read one step late so the host never waits on the device.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -18,11 +18,16 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from optax import contrib
-from tensorboardX import SummaryWriter
+
+# Without PyTorch installed (it is only a dev requirement), the twin's folder torch/ would import as
+# an empty namespace package named torch, which tensorboardX takes for PyTorch; None in sys.modules
+# makes `import torch` fail as it should.
+if getattr(importlib.util.find_spec("torch"), "origin", None) is None:
+    sys.modules["torch"] = None
+from tensorboardX import SummaryWriter  # noqa: E402
 
 import data
 import model
