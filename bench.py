@@ -21,7 +21,6 @@ import dataclasses
 import datetime
 import importlib.util
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -234,14 +233,15 @@ def device_info(framework: str) -> dict:
     if framework == "jax":
         import jax
         gpu = jax.default_backend() == "gpu"
-        name = jax.devices()[0].device_kind if gpu else _cpu_name()
+        name = jax.devices()[0].device_kind if gpu else cpu_name()
         return {"version": jax.__version__, "gpu": gpu, "name": name, "peak": matmul_peak("jax", gpu)}
     import torch
     gpu = torch.cuda.is_available()
     return {"version": torch.__version__, "gpu": gpu, "peak": matmul_peak("torch", gpu)}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name and core count, for benchmark headers (bench.py, data.py, sample.py)."""
     with open("/proc/cpuinfo") as f:
         model_name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
                           platform.processor())
@@ -284,7 +284,7 @@ def measure_mesh(config: str, overrides: list, strategy: str, batch: int, seq: i
         state[0], metrics = step(state[0], data)
         metrics["loss"].block_until_ready()
     compile_s, seconds = time_steps(run, steps, warmup)
-    per_device = {item: sum(math.prod(a.addressable_shards[0].data.shape) * a.dtype.itemsize
+    per_device = {item: sum(sharding.bytes_per_device(a.shape, a.dtype, a.sharding)
                             for a in jax.tree.leaves(state[0][item])) for item in ("params", "opt_state")}
     return {"config": cfg.name, "strategy": strategy, "devices": MESH_DEVICES, "batch": batch, "seq": seq,
             "ms_per_step": seconds * 1e3, "tokens_per_s": batch * seq / seconds, "compile_s": compile_s,
@@ -299,7 +299,7 @@ def mesh_main(args) -> list[dict]:
     for row in rows:
         if "error" in row:
             raise SystemExit(f"error: {row['error']}")
-    print(f"bench.py --mesh  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  |  {_cpu_name()}, "
+    print(f"bench.py --mesh  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  |  {cpu_name()}, "
           f"{MESH_DEVICES} simulated devices  |  {rows[0]['config']}, batch {batch} x {seq}, median of {steps}")
     print("| strategy | ms/step | tokens/s | params / device | optimizer state / device | step time vs dp | memory vs dp |")
     print("|---|---|---|---|---|---|---|")

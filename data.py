@@ -695,14 +695,6 @@ def _rate(make_batches, steps: int, tokens_per_step: int, drop: Path | None = No
     return steps * tokens_per_step / (time.perf_counter() - start)
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def bench(steps: int = 500, cold_steps: int = 50, repeats: int = 3, batch: int = 64, seq_len: int = 1024):
     """Loader tokens/s vs raw memmap slicing on a 200 MB shard, cold (page cache dropped) and warm;
     the two alternate `repeats` times and the medians are reported."""
@@ -718,7 +710,8 @@ def bench(steps: int = 500, cold_steps: int = 50, repeats: int = 3, batch: int =
                                for _ in range(repeats)], axis=0)
             rows.append(f"| {label} ({n} steps) | {rates[0] / 1e6:,.0f}M | {rates[1] / 1e6:,.0f}M "
                         f"| {rates[1] / rates[0]:.2f}x |")
-    print(f"data.py bench, {datetime.date.today()}: {_cpu_model()}, {os.cpu_count()} cores, "
+    from bench import cpu_name  # benchmark headers share one CPU description
+    print(f"data.py bench, {datetime.date.today()}: {cpu_name()}, "
           f"Python {platform.python_version()}, numpy {np.__version__}, "
           f"grain {importlib.metadata.version('grain')}, batch {batch} x {seq_len}, 200 MB uint16 shard, "
           f"read_threads={cfg.data.read_threads}, prefetch={cfg.data.prefetch}, median of {repeats}\n")

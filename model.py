@@ -114,8 +114,15 @@ def _prune(tree: dict) -> dict:
     return {k: v for k, v in pruned.items() if v != {}}
 
 
-def _is_spec(x) -> bool:
+def is_spec(x) -> bool:
+    """The is_leaf of spec trees: a ParamSpec is a leaf, not a node."""
     return isinstance(x, ParamSpec)
+
+
+def flat_specs(cfg: ModelConfig) -> list[tuple[str, ParamSpec]]:
+    """(name, spec) of every parameter, in tree order; names as jax.tree_util.keystr writes paths."""
+    return [(jax.tree_util.keystr(path), spec)
+            for path, spec in jax.tree_util.tree_flatten_with_path(param_specs(cfg), is_leaf=is_spec)[0]]
 
 
 def init_params(cfg: ModelConfig, key) -> dict:
@@ -125,12 +132,12 @@ def init_params(cfg: ModelConfig, key) -> dict:
         name = jax.tree_util.keystr(path)
         leaf_key = jax.random.fold_in(key, zlib.crc32(name.encode()))
         return spec.init(leaf_key, spec.shape, jnp.dtype(spec.dtype))
-    return jax.tree_util.tree_map_with_path(init_one, param_specs(cfg), is_leaf=_is_spec)
+    return jax.tree_util.tree_map_with_path(init_one, param_specs(cfg), is_leaf=is_spec)
 
 
 def count_params(cfg: ModelConfig) -> int:
     """Total parameter count, padded vocabulary rows included."""
-    specs = jax.tree_util.tree_leaves(param_specs(cfg), is_leaf=_is_spec)
+    specs = jax.tree_util.tree_leaves(param_specs(cfg), is_leaf=is_spec)
     return sum(math.prod(s.shape) for s in specs)
 
 
@@ -248,9 +255,7 @@ def loss_fn(params, batch, cfg: ModelConfig):
 def summary(cfg: ModelConfig) -> str:
     """A table of every parameter (shape, logical axes, count) with totals and FLOPs per token."""
     rows = [("parameter", "shape", "logical axes", "count")]
-    flat = jax.tree_util.tree_flatten_with_path(param_specs(cfg), is_leaf=_is_spec)[0]
-    for path, spec in flat:
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
+    for name, spec in flat_specs(cfg):
         rows.append((name, "x".join(map(str, spec.shape)), ",".join(a or "-" for a in spec.axes),
                      f"{math.prod(spec.shape):,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -18,8 +18,6 @@ import codecs
 import dataclasses
 import datetime
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ from jax.experimental import io_callback
 import data
 import model
 import train
+from bench import cpu_name, time_steps
 from configs.base import Config, ConfigError, ModelConfig, config_from_dict, load_config
 
 DEFAULT_NEW_TOKENS = 256    # when --max-new-tokens is not given (fewer if the context is shorter)
@@ -375,13 +374,7 @@ BENCH = {"presets": ("quickstart", "design_40m"), "batches": (1, 16), "prompt": 
 
 def median_time(fn, repeats: int) -> float:
     """Median seconds of fn() after one untimed call (the compile); fn must block on its result."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time_steps(fn, repeats, warmup=0)[1]
 
 
 def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
@@ -423,12 +416,7 @@ def bench_case(params, cfg: ModelConfig, batch: int) -> tuple[float, float]:
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores, {jax.devices()[0].platform}"
+    return f"{cpu_name()}, {jax.devices()[0].platform}"
 
 
 def bench() -> None:

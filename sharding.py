@@ -70,7 +70,7 @@ def param_shardings(model_cfg, strategy: str, mesh: Mesh) -> dict:
     rules = rules_for(strategy)
     def one(path, spec):
         return NamedSharding(mesh, partition_spec(jax.tree_util.keystr(path), spec, rules, mesh)[0])
-    return jax.tree_util.tree_map_with_path(one, model.param_specs(model_cfg), is_leaf=_is_spec)
+    return jax.tree_util.tree_map_with_path(one, model.param_specs(model_cfg), is_leaf=model.is_spec)
 
 
 def state_shardings(abstract_state: dict, params: dict, mesh: Mesh) -> dict:
@@ -105,28 +105,22 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
                             f"fsdp); use a batch size that is a multiple of {dp * grad_accum}")
 
 
-def _is_spec(x) -> bool:
-    return isinstance(x, model.ParamSpec)
-
-
-def _bytes_per_device(shape, dtype, sharding: NamedSharding) -> int:
+def bytes_per_device(shape, dtype, sharding: NamedSharding) -> int:
     return math.prod(sharding.shard_shape(tuple(shape))) * np.dtype(dtype).itemsize
 
 
 def table(model_cfg, strategy: str, mesh: Mesh, abstract_state: dict, shardings: dict) -> str:
     """Each parameter's shape, partition spec and bytes per device, with per-device totals."""
     rules = rules_for(strategy)
-    specs = jax.tree_util.tree_flatten_with_path(model.param_specs(model_cfg), is_leaf=_is_spec)[0]
     rows = [("parameter", "shape", "spec", "bytes/device", "note")]
-    for path, spec in specs:
-        name = jax.tree_util.keystr(path)
+    for name, spec in model.flat_specs(model_cfg):
         pspec, note = partition_spec(name, spec, rules, mesh)
-        nbytes = _bytes_per_device(spec.shape, spec.dtype, NamedSharding(mesh, pspec))
+        nbytes = bytes_per_device(spec.shape, spec.dtype, NamedSharding(mesh, pspec))
         rows.append((name, "x".join(map(str, spec.shape)), str(tuple(pspec)), f"{nbytes:,}", note))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     for item in ("params", "opt_state"):
-        total = sum(_bytes_per_device(a.shape, a.dtype, s) for a, s in
+        total = sum(bytes_per_device(a.shape, a.dtype, s) for a, s in
                     zip(jax.tree.leaves(abstract_state[item]), jax.tree.leaves(shardings[item])))
         lines.append(f"{item} per device: {total:,} bytes ({total / 2**20:,.1f} MiB)")
     mesh_text = " x ".join(f"{n}={s}" for n, s in mesh.shape.items())
@@ -146,8 +140,8 @@ def memory_per_device(model_cfg, strategy: str, devices: int) -> dict:
     plan = types.SimpleNamespace(shape=sizes)
     rules = rules_for(strategy)
     params = 0
-    for path, spec in jax.tree_util.tree_flatten_with_path(model.param_specs(model_cfg), is_leaf=_is_spec)[0]:
-        pspec, _ = partition_spec(jax.tree_util.keystr(path), spec, rules, plan)
+    for name, spec in model.flat_specs(model_cfg):
+        pspec, _ = partition_spec(name, spec, rules, plan)
         factor = math.prod(sizes[a] for a in pspec if a)
         params += math.prod(spec.shape) // factor * np.dtype(spec.dtype).itemsize
     c = model_cfg

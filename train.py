@@ -95,8 +95,7 @@ def param_groups(cfg: Config) -> dict:
         if spec.matrix is not None:
             return "hidden"
         return {"embed": "embed", "pos_embed": "embed", "unembed": "unembed"}.get(name, "scalar")
-    is_spec = lambda x: isinstance(x, model.ParamSpec)
-    return jax.tree_util.tree_map_with_path(group, model.param_specs(cfg.model), is_leaf=is_spec)
+    return jax.tree_util.tree_map_with_path(group, model.param_specs(cfg.model), is_leaf=model.is_spec)
 
 
 def lr_schedule(o: OptimConfig, steps: int, peak: float) -> optax.Schedule:
@@ -128,7 +127,7 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
         return optax.adamw(lr_schedule(o, steps, lr), o.b1, o.b2, o.eps, weight_decay=decay)
     if o.name == "muon":
         dims = jax.tree.map(lambda s: contrib.MuonDimensionNumbers(*s.matrix) if s.matrix else None,
-                            specs, is_leaf=lambda x: isinstance(x, model.ParamSpec))
+                            specs, is_leaf=model.is_spec)
         hidden = contrib.muon(lr_schedule(o, steps, o.lr), beta=o.muon_momentum, weight_decay=o.weight_decay,
                               muon_weight_dimension_numbers=dims)
     else:

@@ -196,7 +196,7 @@ def test_specs_describe_the_initialized_tree(name):
     cfg = tiny(**GRID[name])
     specs = model.param_specs(cfg)
     params = model.init_params(cfg, jax.random.key(0))
-    is_spec = lambda x: isinstance(x, model.ParamSpec)
+    is_spec = model.is_spec
     assert jax.tree.structure(specs, is_leaf=is_spec) == jax.tree.structure(params)
     for spec, x in zip(jax.tree.leaves(specs, is_leaf=is_spec), jax.tree.leaves(params)):
         assert spec.shape == x.shape and len(spec.axes) == x.ndim and jnp.dtype(spec.dtype) == x.dtype

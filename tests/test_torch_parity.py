@@ -32,7 +32,7 @@ def params_for(cfg, seed=0):
     gain = lambda path: path[-1].key in ("scale", "q_norm", "k_norm")
     return jax.tree_util.tree_map_with_path(
         lambda path, s: (gain(path) + 0.1 * rng.standard_normal(s.shape)).astype(np.float32),
-        model.param_specs(cfg), is_leaf=lambda x: isinstance(x, model.ParamSpec))
+        model.param_specs(cfg), is_leaf=model.is_spec)
 
 
 def tokens(cfg, seed=0):
@@ -67,7 +67,7 @@ def flat(tree):
 def test_parameter_tree_is_the_jax_tree(name):
     cfg = tiny(**GRID[name])
     specs = model.param_specs(cfg)
-    shapes = jax.tree.map(lambda s: s.shape, specs, is_leaf=lambda x: isinstance(x, model.ParamSpec))
+    shapes = jax.tree.map(lambda s: s.shape, specs, is_leaf=model.is_spec)
     assert flat(shapes) == flat(jax.tree.map(lambda x: x.shape, tm.GPT(cfg).jax_params()))
 
 
