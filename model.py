@@ -196,11 +196,12 @@ def _cache_positions(cache: dict, t: int, max_len: int):
 
 
 def forward(params, tokens_BT, cfg: ModelConfig, cache=None):
-    """tokens [B, T] -> float32 logits [B, T, vocab_size].
+    """tokens [B, T] -> (float32 logits [B, T, vocab_size], aux), the same pair for training,
+    prefill and decoding.
 
-    With a cache (init_cache), the tokens continue the cached sequence: their keys and values are
-    written at cache["index"], and (logits, updated cache) is returned. The same layers serve
-    training, prefill and decoding.
+    `aux` is a dict of the pass's side outputs: with a cache (init_cache), the tokens continue the
+    cached sequence, their keys and values are written at cache["index"], and aux["cache"] is the
+    updated cache; aux["losses"] holds auxiliary loss terms (name -> scalar) that loss_fn adds.
     """
     b, t = tokens_BT.shape
     dtype = jnp.dtype(cfg.compute_dtype)
@@ -226,18 +227,20 @@ def forward(params, tokens_BT, cfg: ModelConfig, cache=None):
         x_ND = layers.norm(params.get("final_norm", {}), x_ND, cfg)
     w_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
     logits_BTV = layers.unembed(x_ND, w_DV, cfg).reshape(b, t, -1)
-    if cache is None:
-        return logits_BTV
-    return logits_BTV, {**cache, "k": kvs[0], "v": kvs[1], "index": cache["index"] + t}
+    aux = {"losses": {}}
+    if cache is not None:
+        aux["cache"] = {**cache, "k": kvs[0], "v": kvs[1], "index": cache["index"] + t}
+    return logits_BTV, aux
 
 
 def loss_fn(params, batch, cfg: ModelConfig):
-    """Mean next-token cross-entropy (+ z_loss * mean logsumexp^2). Returns (loss, metrics).
+    """Mean next-token cross-entropy (+ z_loss * mean logsumexp^2, + the forward pass's auxiliary
+    losses). Returns (loss, metrics).
 
     An optional batch["mask"] [B, T] weights the tokens (0 drops one, e.g. the padding rows of a
     last validation batch); metrics["tokens"] is the weight summed, for exact means over batches.
     """
-    logits_BTV = forward(params, batch["inputs"], cfg)
+    logits_BTV, aux = forward(params, batch["inputs"], cfg)
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
     mask_BT = batch.get("mask")
@@ -246,7 +249,9 @@ def loss_fn(params, batch, cfg: ModelConfig):
     mean = lambda x_BT: jnp.sum(weights_BT * x_BT) / jnp.maximum(tokens, 1.0)
     ce, z = mean(lse_BT - target_BT), mean(jnp.square(lse_BT))
     loss = ce + cfg.z_loss * z if cfg.z_loss else ce
-    return loss, {"ce": ce, "z": z, "tokens": tokens}
+    for term in aux["losses"].values():   # already weighted by their coefficients
+        loss = loss + term
+    return loss, {"ce": ce, "z": z, "tokens": tokens, **aux["losses"]}
 
 
 # --- Summary -------------------------------------------------------------------------------------

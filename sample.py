@@ -114,7 +114,8 @@ def prefill(params, prompt_BT, start_B, key, cfg: ModelConfig, sampling: Samplin
     """Run the whole prompt batch through the model in one call, filling a fresh cache; returns
     the first new token of each row and the cache."""
     cache = model.init_cache(cfg, prompt_BT.shape[0], cache_len, start=start_B)
-    logits_BTV, cache = model.forward(params, prompt_BT, cfg, cache=cache)
+    logits_BTV, aux = model.forward(params, prompt_BT, cfg, cache=cache)
+    cache = aux["cache"]
     return sample_next(jax.random.fold_in(key, 0), logits_BTV[:, -1], sampling), cache
 
 
@@ -136,7 +137,8 @@ def decode(params, token_B, cache, key, cfg: ModelConfig, sampling: Sampling, st
     def step(carry):
         i, out_BN, cache, done_B = carry
         last_B1 = jax.lax.dynamic_slice_in_dim(out_BN, i - 1, 1, axis=1)
-        logits_B1V, cache = model.forward(params, last_B1, cfg, cache=cache)
+        logits_B1V, aux = model.forward(params, last_B1, cfg, cache=cache)
+        cache = aux["cache"]
         token_B = sample_next(jax.random.fold_in(key, i), logits_B1V[:, -1], sampling)
         if eot is not None:
             token_B = jnp.where(done_B, eot, token_B)

@@ -147,12 +147,12 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
 
 
 def init_state(cfg: Config, tx: optax.GradientTransformation) -> dict:
-    """Parameters, optimizer state, step, and the run's RNG key (as raw key data, so checkpoints
-    hold plain arrays)."""
+    """Parameters, optimizer state and step. Nothing in the model draws random numbers while
+    training, so the state holds no RNG key; a stochastic layer would fold one from
+    (train.seed, step), which resumes exactly with no key saved."""
     key = jax.random.key(cfg.train.seed)
     params = model.init_params(cfg.model, jax.random.fold_in(key, 0))
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(key)}
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
 def abstract_state(cfg: Config, tx) -> dict:
@@ -213,9 +213,9 @@ def checkpoint_manager(directory: Path, keep: int) -> ocp.CheckpointManager:
 
 
 def save(manager: ocp.CheckpointManager, state: dict, cfg: Config) -> None:
-    """Asynchronous save of parameters, optimizer state, step and RNG, with the config beside."""
+    """Asynchronous save of parameters, optimizer state and step, with the config beside."""
     args = {"params": state["params"], "opt_state": state["opt_state"],
-            "meta": {"step": state["step"], "rng": state["rng"]}}
+            "meta": {"step": state["step"]}}
     manager.save(int(state["step"]), args=ocp.args.Composite(
         config=ocp.args.JsonSave(config_to_dict(cfg)),
         **{name: ocp.args.StandardSave(item) for name, item in args.items()}))
@@ -239,7 +239,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: dict, nam
     """Restore the named items of checkpoint `step` onto the abstract state's shapes."""
     check_shapes(manager, step, abstract_state["params"])
     abstract = {"params": abstract_state["params"], "opt_state": abstract_state["opt_state"],
-                "meta": {"step": abstract_state["step"], "rng": abstract_state["rng"]}}
+                "meta": {"step": abstract_state["step"]}}
     try:
         got = manager.restore(step, args=ocp.args.Composite(
             **{name: ocp.args.StandardRestore(abstract[name]) for name in names}))

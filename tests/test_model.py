@@ -53,7 +53,7 @@ def tokens(cfg, seed=0, shape=(B, T)):
 def test_forward_matches_float64_reference(name):
     cfg = tiny(**GRID[name])
     params, toks = params_for(cfg), tokens(cfg)
-    logits = jax.jit(model.forward, static_argnums=2)(params, toks, cfg)
+    logits, _ = jax.jit(model.forward, static_argnums=2)(params, toks, cfg)
     assert logits.shape == (B, T, cfg.vocab_size) and logits.dtype == jnp.float32
     assert bool(jnp.isfinite(logits).all())
     expected = ref.forward(ref.to_float64(params), toks, cfg)
@@ -78,7 +78,7 @@ def test_causality(name):
     params, toks = params_for(cfg), tokens(cfg)
     t = 7
     changed = toks.at[:, t].set((toks[:, t] + 1) % cfg.vocab_size)
-    a, b = model.forward(params, toks, cfg), model.forward(params, changed, cfg)
+    a, b = model.forward(params, toks, cfg)[0], model.forward(params, changed, cfg)[0]
     np.testing.assert_array_equal(a[:, :t], b[:, :t])
     assert not np.allclose(a[:, t], b[:, t])
 
@@ -97,7 +97,7 @@ def test_padded_vocabulary_never_gets_probability():
     cfg = tiny(vocab_size=61, vocab_multiple=64)
     params = params_for(cfg)
     params["embed"] = params["embed"].at[61:].set(100.0)  # would dominate if it leaked
-    logits = model.forward(params, tokens(cfg), cfg)
+    logits, _ = model.forward(params, tokens(cfg), cfg)
     assert logits.shape[-1] == 61
     grads = jax.grad(lambda p: model.loss_fn(p, {"inputs": tokens(cfg), "targets": tokens(cfg, 1)}, cfg)[0])(params)
     np.testing.assert_array_equal(grads["embed"][61:], 0.0)
@@ -107,9 +107,9 @@ def test_bfloat16_compute_with_float32_params():
     cfg = tiny(compute_dtype="bfloat16", n_kv_heads=2)
     params, toks = params_for(cfg), tokens(cfg)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-    logits = model.forward(params, toks, cfg)
+    logits, _ = model.forward(params, toks, cfg)
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
-    full = model.forward(params, toks, dataclasses.replace(cfg, compute_dtype="float32"))
+    full, _ = model.forward(params, toks, dataclasses.replace(cfg, compute_dtype="float32"))
     np.testing.assert_allclose(logits, full, atol=0.1)
     batch = {"inputs": toks, "targets": tokens(cfg, 1)}
     grads = jax.grad(lambda p: model.loss_fn(p, batch, cfg)[0])(params)
@@ -120,7 +120,7 @@ def test_bfloat16_params():
     cfg = tiny(param_dtype="bfloat16", compute_dtype="bfloat16")
     params = model.init_params(cfg, jax.random.key(0))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
-    assert bool(jnp.isfinite(model.forward(params, tokens(cfg), cfg)).all())
+    assert bool(jnp.isfinite(model.forward(params, tokens(cfg), cfg)[0]).all())
 
 
 def test_remat_gives_the_same_gradients():
@@ -134,8 +134,8 @@ def test_remat_gives_the_same_gradients():
 def test_attention_backends_agree_inside_the_model():
     cfg = tiny(n_kv_heads=2)
     params, toks = params_for(cfg), tokens(cfg)
-    a = model.forward(params, toks, dataclasses.replace(cfg, attn_impl="xla"))
-    b = model.forward(params, toks, dataclasses.replace(cfg, attn_impl="einsum"))
+    a, _ = model.forward(params, toks, dataclasses.replace(cfg, attn_impl="xla"))
+    b, _ = model.forward(params, toks, dataclasses.replace(cfg, attn_impl="einsum"))
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -233,8 +233,8 @@ def test_loss_mask_drops_tokens_exactly():
 def test_decoding_through_the_cache_matches_the_full_forward(opts):
     cfg = tiny(**opts)
     params, toks = params_for(cfg), tokens(cfg)
-    full = model.forward(params, toks, cfg)
-    step = jax.jit(lambda p, x, c: model.forward(p, x, cfg, cache=c))
+    full, _ = model.forward(params, toks, cfg)
+    step = jax.jit(lambda p, x, c: (lambda logits, aux: (logits, aux["cache"]))(*model.forward(p, x, cfg, cache=c)))
     logits, cache = step(params, toks[:, :5], model.init_cache(cfg, B, T))    # prefill 5
     np.testing.assert_allclose(logits, full[:, :5], rtol=1e-5, atol=1e-5)
     for t in range(5, T):                                                     # then one at a time
@@ -251,11 +251,12 @@ def test_left_padded_rows_match_their_prompts_alone(pos):
     padded = jnp.concatenate([jnp.zeros((1, 3), short.dtype), short], axis=1)      # left-pad to 7
     batch = jnp.concatenate([padded, long])
     cache = model.init_cache(cfg, 2, 9, start=[3, 0])
-    logits, cache = model.forward(params, batch, cfg, cache=cache)
+    logits, aux = model.forward(params, batch, cfg, cache=cache)
+    cache = aux["cache"]
     nxt = jnp.array([[5], [6]])
     step_logits, _ = model.forward(params, nxt, cfg, cache=cache)
-    alone_short = model.forward(params, jnp.concatenate([short, nxt[:1]], axis=1), cfg)
-    alone_long = model.forward(params, jnp.concatenate([long, nxt[1:]], axis=1), cfg)
+    alone_short, _ = model.forward(params, jnp.concatenate([short, nxt[:1]], axis=1), cfg)
+    alone_long, _ = model.forward(params, jnp.concatenate([long, nxt[1:]], axis=1), cfg)
     np.testing.assert_allclose(logits[0, 3:], alone_short[0, :4], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(step_logits[0, 0], alone_short[0, 4], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(step_logits[1, 0], alone_long[0, 7], rtol=1e-5, atol=1e-5)

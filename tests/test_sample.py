@@ -85,7 +85,7 @@ def test_greedy_sample_is_the_argmax_of_a_full_recomputation(name):
     out = sample.generate(params, cfg, [prompt], 14, GREEDY)[0]
     if cfg.yarn_factor > 1:
         assert len(prompt) + len(out) > cfg.seq_len      # decoded past the trained context
-    logits = model.forward(params, jnp.array([prompt + out[:-1]]), cfg)[0]
+    logits = model.forward(params, jnp.array([prompt + out[:-1]]), cfg)[0][0]
     assert out == np.argmax(logits[len(prompt) - 1:], axis=-1).tolist()
 
 
