@@ -401,6 +401,15 @@ def config_from_dict(d: dict) -> Config:
     return Config(name=d.get("name", ""), **sections)
 
 
+def preset_names() -> tuple[str, ...]:
+    """The presets shipped in configs/ (every file but base.py), by name."""
+    return tuple(sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py") if p.stem not in ("base", "__init__")))
+
+
+def preset_path(name: str) -> Path:
+    return REPO_ROOT / "configs" / f"{name}.py"
+
+
 def load_config(path, overrides=()) -> Config:
     """Execute the preset file at `path`, take its `config`, and apply the overrides."""
     path = Path(path)
