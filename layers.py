@@ -3,8 +3,8 @@ knows about devices or configs beyond the ModelConfig it is handed.
 
 Shape suffixes: B batch, T query length, S key length, N = B*T rows, D d_model,
 H query heads, K kv heads, G = H // K query heads per kv head, E head_dim, F MLP hidden, V vocab.
-Activations stay 2-D [N, D] around the matmuls (one GEMM per projection), and attention runs
-head-major [B, K, G, T, E]: both measured faster on CPU than the 3-D layout.
+Activations stay 2-D [N, D] around the matmuls (one GEMM per projection), and einsum attention
+runs head-major [B, K, G, T, E]: both chosen by measurement (notes/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def rope_frequencies(cfg) -> tuple[np.ndarray, float]:
     (gamma = 1) and divides low ones by s (gamma = 0): inv_freq' = (1 - gamma) inv_freq / s + gamma inv_freq.
     Logits are sharpened by mscale^2 with mscale = 0.1 ln(s) + 1, applied to both q and k.
     """
-    e = cfg.head_size
+    e = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, e, 2, dtype=np.float64) / e)
     s = cfg.yarn_factor
     if s == 1.0:
@@ -96,8 +96,7 @@ def _einsum_attention(q_BKGTE, k_BKSE, v_BKSE, mask_BTS, scale):
 def _causal_einsum_attention(q_BKGTE, k_BKSE, v_BKSE, scale):
     """Causal self-attention in query blocks: block [start, end) attends only to keys [0, end), so
     the fully masked blocks above the diagonal are never computed. Blocks of at least 64 queries,
-    at most 8 of them: on a 2-core CPU this ran fwd+bwd 1.5-1.8x faster than the full T x S scores
-    at T = 256 and 1024 (`python bench.py --layouts` compares whole training steps)."""
+    at most 8 of them, a size chosen by timing whole training steps (notes/benchmarks.md)."""
     t = q_BKGTE.shape[3]
     block = max(64, -(-t // 8))
     outs = []
@@ -133,7 +132,7 @@ def attend(q_BTKGE, k_BSKE, v_BSKE, mask_BTS, impl):
     return out_BTHE.reshape(b, t, k, g, e)
 
 
-def attention(p, x_ND, batch, cfg, positions, mask_BTS=None, kv=None):
+def attention(p, x_ND, cfg, batch, positions, mask_BTS=None, kv=None):
     """Self-attention block: fused QKV projection, optional QK-norm, RoPE, attention, output
     projection. Returns ([N, D], the layer's updated cache or None).
 
@@ -143,7 +142,7 @@ def attention(p, x_ND, batch, cfg, positions, mask_BTS=None, kv=None):
     per kv head, its G query heads then one key and one value head, so that sharding the kv-head
     axis keeps each group whole.
     """
-    k, e = cfg.kv_heads, cfg.head_size
+    k, e = cfg.n_kv_heads, cfg.head_dim
     g = cfg.n_heads // k
     dtype = x_ND.dtype
     qkv = x_ND @ p["wqkv"].astype(dtype).reshape(cfg.d_model, -1)
@@ -151,7 +150,7 @@ def attention(p, x_ND, batch, cfg, positions, mask_BTS=None, kv=None):
         qkv = qkv + p["bqkv"].astype(dtype).reshape(-1)
     qkv_BTKCE = qkv.reshape(batch, -1, k, g + 2, e)
     # One split, not three slices: its gradient is a single concatenate where the slices' would be
-    # three zero-padded copies summed (3-6% of a CPU training step).
+    # three zero-padded copies summed.
     q, key, value = jnp.split(qkv_BTKCE, [g, g + 1], axis=3)
     key, value = key.squeeze(3), value.squeeze(3)
     if cfg.qk_norm:
@@ -174,9 +173,9 @@ def attention(p, x_ND, batch, cfg, positions, mask_BTS=None, kv=None):
 
 # --- MLP -----------------------------------------------------------------------------------------
 
+# Every activation an MLP kind (configs.base.MLPS) may name.
 ACTIVATIONS = {
-    "swiglu": jax.nn.silu,
-    "geglu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu2": lambda x: jnp.square(jax.nn.relu(x)),
@@ -192,10 +191,10 @@ def mlp(p, x_ND, cfg):
     h = x_ND @ p["w_in"].astype(dtype).reshape(cfg.d_model, -1)
     if "b_in" in p:
         h = h + p["b_in"].astype(dtype).reshape(-1)
-    act = ACTIVATIONS[cfg.mlp]
+    act = ACTIVATIONS[cfg.activation]
     if cfg.gated:
-        gate, up = jnp.split(h.reshape(-1, 2, cfg.ff_size), 2, axis=1)  # split: as in attention
-        h = (act(gate) * up).reshape(-1, cfg.ff_size)
+        gate, up = jnp.split(h.reshape(-1, 2, cfg.d_ff), 2, axis=1)  # split: as in attention
+        h = (act(gate) * up).reshape(-1, cfg.d_ff)
     else:
         h = act(h)
     y = h @ p["w_out"].astype(dtype)
@@ -210,7 +209,7 @@ def embed(table_VD, tokens, dtype):
     return jnp.take(table_VD, tokens, axis=0).astype(dtype)
 
 
-def unembed(x_ND, w_DV, cfg):
+def unembed(w_DV, x_ND, cfg):
     """Float32 logits over the real vocabulary [N, vocab_size]: padded rows are sliced off so
     they never receive probability. Optional soft-cap: cap * tanh(logits / cap)."""
     logits = jnp.dot(x_ND, w_DV.astype(x_ND.dtype), preferred_element_type=jnp.float32)

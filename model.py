@@ -1,26 +1,33 @@
 """The GPT model: parameter specs, initialization, forward pass and loss.
 
-Parameters are a nested dict of arrays. The transformer blocks share one stacked tree whose
-leaves carry a leading "layers" axis, applied by `jax.lax.scan`, so compile time is flat in depth.
-A per-layer pattern (say dense and MoE blocks alternating) would become one stacked tree per
-block kind, scanned together over the pattern's repeats.
+Parameters are a nested dict of arrays. A model is a repeated pattern of blocks (attention, then
+a feed-forward sublayer of some kind: `FFN_KINDS`); each kind's blocks share one stacked tree
+whose leaves carry a leading "layers" axis, and `jax.lax.scan` runs the pattern's repeats, so
+compile time is flat in depth. A dense model's pattern is ("dense",).
 
-Shape suffixes as in layers.py: B batch, T sequence, N = B*T, D d_model, V vocabulary.
+Shape suffixes as in layers.py: B batch, T sequence, N = B*T, D d_model, V vocabulary,
+L stacked layers, R pattern repeats, P pattern length.
 """
 from __future__ import annotations
 
 import math
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+import cli
 import layers
 from configs.base import ConfigError, ModelConfig
 
 init_ops = jax.nn.initializers
+
+# The closed set of logical axis names a parameter may carry (None: never sharded). sharding.RULES
+# maps some of them onto mesh axes; a name outside this set is a typo, caught when specs are built.
+LOGICAL_AXES = frozenset({"layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm"})
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,14 @@ class ParamSpec:
     dtype: str
     init: Callable
     matrix: tuple | None = None
+
+    def __post_init__(self):
+        if len(self.axes) != len(self.shape):
+            raise ValueError(f"ParamSpec axes {self.axes} do not match shape {self.shape}")
+        unknown = [a for a in self.axes if a is not None and a not in LOGICAL_AXES]
+        if unknown:
+            raise ValueError(f"ParamSpec axes {self.axes}: unknown logical axis {unknown[0]!r}; "
+                             f"valid: {', '.join(sorted(LOGICAL_AXES))} or None")
 
 
 # --- Parameter specs -----------------------------------------------------------------------------
@@ -57,18 +72,23 @@ def _norm_specs(cfg: ModelConfig, dim: int, stacked: tuple, axes: tuple) -> dict
     return specs
 
 
-def _block_specs(cfg: ModelConfig) -> dict:
-    L, D, H, K, E, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.ff_size
-    G = H // K
-    dt = cfg.param_dtype
-    out_scale = 0.0 if cfg.zero_init_out else (1 / math.sqrt(2 * L) if cfg.residual_scale else 1.0)
-    def hidden(shape, axes, in_axis, out_axis, scale=1.0):
-        init = _matrix_init(cfg.init, cfg.init_std, in_axis, out_axis, scale, batch_axis=(0,))
-        return ParamSpec(shape, axes, dt, init, matrix=(in_axis, out_axis))
-    zeros = init_ops.zeros
+def _hidden(cfg: ModelConfig, shape, axes, in_axis, out_axis, scale=1.0) -> ParamSpec:
+    """A stacked hidden matrix (leading layer axis), initialized by the config's scheme."""
+    init = _matrix_init(cfg.init, cfg.init_std, in_axis, out_axis, scale, batch_axis=(0,))
+    return ParamSpec(shape, axes, cfg.param_dtype, init, matrix=(in_axis, out_axis))
+
+
+def _out_scale(cfg: ModelConfig) -> float:
+    """The init scale of the projections that write into the residual stream."""
+    return 0.0 if cfg.zero_init_out else (1 / math.sqrt(2 * cfg.n_layers) if cfg.residual_scale else 1.0)
+
+
+def _attention_specs(cfg: ModelConfig, L: int) -> dict:
+    D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    G, dt, zeros = H // K, cfg.param_dtype, init_ops.zeros
     attn = {
-        "wqkv": hidden((L, D, K, G + 2, E), ("layers", "embed", "kv_heads", None, "head_dim"), 1, (2, 3, 4)),
-        "wo": hidden((L, H, E, D), ("layers", "heads", "head_dim", "embed"), (1, 2), 3, out_scale),
+        "wqkv": _hidden(cfg, (L, D, K, G + 2, E), ("layers", "embed", "kv_heads", None, "head_dim"), 1, (2, 3, 4)),
+        "wo": _hidden(cfg, (L, H, E, D), ("layers", "heads", "head_dim", "embed"), (1, 2), 3, _out_scale(cfg)),
     }
     if cfg.attn_bias:
         attn["bqkv"] = ParamSpec((L, K, G + 2, E), ("layers", "kv_heads", None, "head_dim"), dt, zeros)
@@ -76,18 +96,60 @@ def _block_specs(cfg: ModelConfig) -> dict:
     if cfg.qk_norm and cfg.norm_scale:
         attn["q_norm"] = ParamSpec((L, E), ("layers", "head_dim"), dt, init_ops.ones)
         attn["k_norm"] = ParamSpec((L, E), ("layers", "head_dim"), dt, init_ops.ones)
+    return attn
+
+
+def _dense_specs(cfg: ModelConfig, L: int) -> dict:
+    """The MLP: w_in [D, F], or [D, 2, F] (gate, up) when gated, and w_out [F, D]."""
+    D, F, dt = cfg.d_model, cfg.d_ff, cfg.param_dtype
     w_in_shape, w_in_axes = ((L, D, 2, F), ("layers", "embed", None, "mlp")) if cfg.gated else \
         ((L, D, F), ("layers", "embed", "mlp"))
     mlp = {
-        "w_in": hidden(w_in_shape, w_in_axes, 1, tuple(range(2, len(w_in_shape)))),
-        "w_out": hidden((L, F, D), ("layers", "mlp", "embed"), 1, 2, out_scale),
+        "w_in": _hidden(cfg, w_in_shape, w_in_axes, 1, tuple(range(2, len(w_in_shape)))),
+        "w_out": _hidden(cfg, (L, F, D), ("layers", "mlp", "embed"), 1, 2, _out_scale(cfg)),
     }
     if cfg.mlp_bias:
-        mlp["b_in"] = ParamSpec(w_in_shape[:1] + w_in_shape[2:], w_in_axes[:1] + w_in_axes[2:], dt, zeros)
-        mlp["b_out"] = ParamSpec((L, D), ("layers", "embed"), dt, zeros)
+        mlp["b_in"] = ParamSpec(w_in_shape[:1] + w_in_shape[2:], w_in_axes[:1] + w_in_axes[2:], dt, init_ops.zeros)
+        mlp["b_out"] = ParamSpec((L, D), ("layers", "embed"), dt, init_ops.zeros)
+    return mlp
+
+
+@dataclass(frozen=True)
+class FFNKind:
+    """A kind of feed-forward sublayer, and so a kind of block. `specs(cfg, L)` declares its
+    parameters stacked over L layers; `apply(p, x_ND, cfg)` returns (y_ND, auxiliary losses, a
+    dict of scalars); `matmul_params(cfg)` counts the matmul weights one token passes through
+    (its active parameters: what its FLOPs are counted from)."""
+    specs: Callable[[ModelConfig, int], dict]
+    apply: Callable
+    matmul_params: Callable[[ModelConfig], int]
+    params_key: str
+
+
+FFN_KINDS = {
+    "dense": FFNKind(specs=_dense_specs, apply=lambda p, x_ND, cfg: (layers.mlp(p, x_ND, cfg), {}),
+                     matmul_params=lambda cfg: (3 if cfg.gated else 2) * cfg.d_model * cfg.d_ff,
+                     params_key="blocks"),
+}
+
+
+def block_pattern(cfg: ModelConfig) -> tuple[str, ...]:
+    """The FFN kinds of one repeat of the layer pattern, in order; n_layers is a whole number
+    of repeats."""
+    return ("dense",)
+
+
+def _stack_sizes(cfg: ModelConfig) -> dict[str, int]:
+    """How many layers each kind's stacked tree holds."""
+    pattern = block_pattern(cfg)
+    repeats = cfg.n_layers // len(pattern)
+    return {kind: count * repeats for kind, count in Counter(pattern).items()}
+
+
+def _block_specs(cfg: ModelConfig, kind: str, L: int) -> dict:
     norm_axes = ("layers", "norm")
-    return {"attn_norm": _norm_specs(cfg, D, (L,), norm_axes), "attn": attn,
-            "mlp_norm": _norm_specs(cfg, D, (L,), norm_axes), "mlp": mlp}
+    return {"attn_norm": _norm_specs(cfg, cfg.d_model, (L,), norm_axes), "attn": _attention_specs(cfg, L),
+            "mlp_norm": _norm_specs(cfg, cfg.d_model, (L,), norm_axes), "mlp": FFN_KINDS[kind].specs(cfg, L)}
 
 
 def param_specs(cfg: ModelConfig) -> dict:
@@ -96,7 +158,7 @@ def param_specs(cfg: ModelConfig) -> dict:
     specs = {
         "embed": ParamSpec((V, D), ("vocab", "embed"), cfg.param_dtype,
                            _matrix_init(cfg.embed_init, cfg.embed_std, 1, 0)),
-        "blocks": _block_specs(cfg),
+        **{FFN_KINDS[kind].params_key: _block_specs(cfg, kind, L) for kind, L in _stack_sizes(cfg).items()},
     }
     if cfg.pos == "learned":
         specs["pos_embed"] = ParamSpec((cfg.seq_len, D), (None, "embed"), cfg.param_dtype,
@@ -144,41 +206,46 @@ def count_params(cfg: ModelConfig) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 * P_matmul + 6 * L * H * E * T.
 
-    P_matmul counts the weights of every matmul: per layer the fused QKV (D (H + 2K) E), the
-    output projection (H E D) and the MLP ((2 if gated else 1) D F + F D), plus the unembedding
-    (D V_padded). Embedding lookups are not matmuls. Each matmul weight costs 2 FLOPs per token
-    forward and 4 backward. Attention's QK^T and PV are 2 * 2 T H E FLOPs per token per layer
-    forward for full attention, half that under the causal mask, times 3 for forward + backward.
+    P_matmul counts the matmul weights one token passes through: per layer the fused QKV
+    (D (H + 2K) E), the output projection (H E D) and its FFN kind's active weights (a gated MLP
+    3 D F, else 2 D F), plus the unembedding (D V_padded). Embedding lookups are not matmuls. Each
+    matmul weight costs 2 FLOPs per token forward and 4 backward. Attention's QK^T and PV are
+    2 * 2 T H E FLOPs per token per layer forward for full attention, half that under the causal
+    mask, times 3 for forward + backward.
     """
-    D, H, K, E, F, L = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.ff_size, cfg.n_layers
-    per_layer = D * (H + 2 * K) * E + H * E * D + (3 if cfg.gated else 2) * D * F
-    matmul_params = L * per_layer + D * cfg.padded_vocab
-    return 6.0 * matmul_params + 6.0 * L * H * E * seq_len
+    D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    attention = D * (H + 2 * K) * E + H * E * D
+    ffn = sum(L * FFN_KINDS[kind].matmul_params(cfg) for kind, L in _stack_sizes(cfg).items())
+    matmul_params = cfg.n_layers * attention + ffn + D * cfg.padded_vocab
+    return 6.0 * matmul_params + 6.0 * cfg.n_layers * H * E * seq_len
 
 
 # --- Forward pass --------------------------------------------------------------------------------
 
 
-def block(x_ND, p, batch, cfg: ModelConfig, positions, mask_BTS=None, kv=None):
-    """One transformer block: attention then MLP, each with a residual, pre- or post-norm.
-    Returns (x, the layer's updated KV cache or None)."""
+def block(p, x_ND, cfg: ModelConfig, kind: str, batch: int, positions, mask_BTS=None, kv=None):
+    """One transformer block: attention then the FFN of its kind, each with a residual, pre- or
+    post-norm. Returns (x, the layer's updated KV cache or None, auxiliary losses)."""
     def attn(h):
-        return layers.attention(p["attn"], h, batch, cfg, positions, mask_BTS, kv)
-    mlp = lambda h: layers.mlp(p["mlp"], h, cfg)
+        return layers.attention(p["attn"], h, cfg, batch, positions, mask_BTS, kv)
+    def ffn(h):
+        return FFN_KINDS[kind].apply(p["mlp"], h, cfg)
     if cfg.norm_position == "pre":
         a, kv = attn(layers.norm(p.get("attn_norm", {}), x_ND, cfg))
         x_ND = x_ND + a
-        return x_ND + mlp(layers.norm(p.get("mlp_norm", {}), x_ND, cfg)), kv
+        f, losses = ffn(layers.norm(p.get("mlp_norm", {}), x_ND, cfg))
+        return x_ND + f, kv, losses
     a, kv = attn(x_ND)
     x_ND = layers.norm(p.get("attn_norm", {}), x_ND + a, cfg)
-    return layers.norm(p.get("mlp_norm", {}), x_ND + mlp(x_ND), cfg), kv
+    f, losses = ffn(x_ND)
+    return layers.norm(p.get("mlp_norm", {}), x_ND + f, cfg), kv, losses
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, start=None) -> dict:
     """An empty KV cache: per layer k and v [B, max_len, K, E] (GQA stores only the kv heads),
-    stacked on a leading layer axis; `index`, the next slot to write; `start` [B], where each
-    row's tokens begin (rows of a batch of prompts are left-padded to one length)."""
-    shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_size)
+    stacked on a leading layer axis in layer order; `index`, the next slot to write; `start` [B],
+    where each row's tokens begin (rows of a batch of prompts are left-padded to one length)."""
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
     dtype = jnp.dtype(cfg.compute_dtype)
     start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32),
@@ -195,6 +262,47 @@ def _cache_positions(cache: dict, t: int, max_len: int):
     return positions_BT, mask_BTS
 
 
+def _embed(params, tokens_BT, cfg: ModelConfig, positions):
+    b, t = tokens_BT.shape
+    dtype = jnp.dtype(cfg.compute_dtype)
+    x_ND = layers.embed(params["embed"], tokens_BT.reshape(-1), dtype)
+    if cfg.pos == "learned":
+        # Left-padding slots have negative positions; clipped, they are masked out as keys anyway.
+        pos = jnp.take(params["pos_embed"], positions, axis=0, mode="clip").astype(dtype)
+        x_ND = (x_ND.reshape(b, t, -1) + pos).reshape(b * t, -1)
+    return x_ND
+
+
+def _run_blocks(params, x_ND, cfg: ModelConfig, batch: int, positions, mask_BTS, cache):
+    """Scan the block pattern over its R repeats: each kind's stack [L, ...] is read as [R, c, ...]
+    (c: the kind's count per repeat), the cache's [n_layers, ...] as [R, P, ...]. Returns (x, the
+    new k and v or None, auxiliary losses summed over layers)."""
+    pattern = block_pattern(cfg)
+    repeats, width = cfg.n_layers // len(pattern), len(pattern)
+    per_repeat = lambda tree: jax.tree.map(lambda w: w.reshape(repeats, -1, *w.shape[1:]), tree)
+    stacks = {kind: per_repeat(params[FFN_KINDS[kind].params_key]) for kind in set(pattern)}
+    kvs = None if cache is None else per_repeat((cache["k"], cache["v"]))
+
+    def step(x_ND, xs):
+        stacks_r, kvs_r = xs
+        seen, new_kvs, losses = Counter(), [], {}
+        for i, kind in enumerate(pattern):
+            p = jax.tree.map(lambda w: w[seen[kind]], stacks_r[kind])
+            seen[kind] += 1
+            kv = None if kvs_r is None else (kvs_r[0][i], kvs_r[1][i], cache["index"])
+            x_ND, kv, block_losses = block(p, x_ND, cfg, kind, batch, positions, mask_BTS, kv)
+            new_kvs.append(kv)
+            for name, value in block_losses.items():
+                losses[name] = losses.get(name, 0.0) + value
+        kvs_out = None if kvs_r is None else tuple(jnp.stack([kv[j] for kv in new_kvs]) for j in (0, 1))
+        return x_ND, (kvs_out, losses)
+    if cfg.remat:
+        step = jax.checkpoint(step)
+    x_ND, (kvs, losses) = jax.lax.scan(step, x_ND, (stacks, kvs))
+    kvs = None if kvs is None else tuple(kv.reshape(repeats * width, *kv.shape[2:]) for kv in kvs)
+    return x_ND, kvs, {name: jnp.sum(value) for name, value in losses.items()}
+
+
 def forward(params, tokens_BT, cfg: ModelConfig, cache=None):
     """tokens [B, T] -> (float32 logits [B, T, vocab_size], aux), the same pair for training,
     prefill and decoding.
@@ -204,30 +312,17 @@ def forward(params, tokens_BT, cfg: ModelConfig, cache=None):
     updated cache; aux["losses"] holds auxiliary loss terms (name -> scalar) that loss_fn adds.
     """
     b, t = tokens_BT.shape
-    dtype = jnp.dtype(cfg.compute_dtype)
     if cache is None:
         positions, mask_BTS = jnp.arange(t), None
     else:
         positions, mask_BTS = _cache_positions(cache, t, cache["k"].shape[2])
-    x_ND = layers.embed(params["embed"], tokens_BT.reshape(-1), dtype)
-    if cfg.pos == "learned":
-        # Left-padding slots have negative positions; clipped, they are masked out as keys anyway.
-        pos = jnp.take(params["pos_embed"], positions, axis=0, mode="clip").astype(dtype)
-        x_ND = (x_ND.reshape(b, t, -1) + pos).reshape(b * t, -1)
-
-    def step(x, layer):
-        p, kv = layer
-        return block(x, p, b, cfg, positions, mask_BTS, kv)
-    if cfg.remat:
-        step = jax.checkpoint(step)
-    kvs = None if cache is None else (cache["k"], cache["v"], jnp.broadcast_to(cache["index"], (cfg.n_layers,)))
-    x_ND, kvs = jax.lax.scan(step, x_ND, (params["blocks"], kvs))
-
+    x_ND = _embed(params, tokens_BT, cfg, positions)
+    x_ND, kvs, losses = _run_blocks(params, x_ND, cfg, b, positions, mask_BTS, cache)
     if cfg.norm_position == "pre":
         x_ND = layers.norm(params.get("final_norm", {}), x_ND, cfg)
     w_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
-    logits_BTV = layers.unembed(x_ND, w_DV, cfg).reshape(b, t, -1)
-    aux = {"losses": {}}
+    logits_BTV = layers.unembed(w_DV, x_ND, cfg).reshape(b, t, -1)
+    aux = {"losses": losses}
     if cache is not None:
         aux["cache"] = {**cache, "k": kvs[0], "v": kvs[1], "index": cache["index"] + t}
     return logits_BTV, aux
@@ -261,21 +356,15 @@ def summary(cfg: ModelConfig) -> str:
     """A table of every parameter (shape, logical axes, count) with totals and FLOPs per token."""
     rows = [("parameter", "shape", "logical axes", "count")]
     for name, spec in flat_specs(cfg):
-        rows.append((name, "x".join(map(str, spec.shape)), ",".join(a or "-" for a in spec.axes),
+        rows.append((name, "x".join(map(str, spec.shape)), ",".join(axis or "-" for axis in spec.axes),
                      f"{math.prod(spec.shape):,}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    lines.append(f"total parameters: {count_params(cfg):,}")
-    lines.append(f"training FLOPs per token at seq_len {cfg.seq_len}: {flops_per_token(cfg, cfg.seq_len):,.0f}")
-    return "\n".join(lines)
+    return "\n".join([cli.format_table(rows, right=(3,)), f"total parameters: {count_params(cfg):,}",
+                      f"training FLOPs per token at seq_len {cfg.seq_len}: {flops_per_token(cfg, cfg.seq_len):,.0f}"])
 
 
 if __name__ == "__main__":
-    import argparse
-
-    from configs.base import load_config
-    parser = argparse.ArgumentParser(description="Print a preset's parameter table, size and FLOPs.")
+    from configs.load import load_config
+    parser = cli.Parser(description="Print a preset's parameter table, size and FLOPs.")
     parser.add_argument("--config", required=True, help="a preset file, e.g. configs/quickstart.py")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. model.n_layers=4")
     args = parser.parse_args()

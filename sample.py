@@ -4,22 +4,17 @@
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--num-samples N]
         [--seed S] [--stop-at-eot] [--tokenizer bytes|gpt2|PATH]
     python sample.py --config configs/NAME.py --random-init [section.field=value ...] [...]
-    python sample.py --bench                  # prefill/decode tokens/s vs the memory-bandwidth bound
 
 Generation is two jitted programs around model.forward and its KV cache: a prefill of the whole
 (left-padded) prompt batch in one call, then one `lax.while_loop` that decodes every further
 token on the device. A single sample is streamed from inside that loop by an ordered io_callback.
-Sections: sampling, generation, loading, streaming, the command line, the benchmark.
+Sections: sampling, generation, loading, streaming, the command line. Decode speed is measured by
+`python bench.py decode` (notes/benchmarks.md).
 """
 from __future__ import annotations
 
-import argparse
 import codecs
 import dataclasses
-import datetime
-import json
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -28,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+import checkpoint
+import cli
 import data
 import model
-import train
-from bench import cpu_name, time_steps
-from configs.base import Config, ConfigError, ModelConfig, config_from_dict, load_config
+from configs.base import Config, ConfigError, ModelConfig
+from configs.load import load_config
 
 DEFAULT_NEW_TOKENS = 256    # when --max-new-tokens is not given (fewer if the context is shorter)
 
@@ -66,7 +62,7 @@ def filter_logits(logits_BV, top_k: int | None, top_p: float):
     """Set every token outside the top-k, then outside the nucleus of what is left, to -inf.
     Ties with the last kept token are kept too."""
     if top_k is not None and top_k < logits_BV.shape[-1]:
-        # min, not [:, -1]: XLA:CPU turns a slice of top_k into a full sort (7 ms over 50K tokens).
+        # min, not [:, -1]: XLA:CPU turns a slice of top_k into a full sort (timed: notes/inference.md).
         kth_B1 = jnp.min(jax.lax.top_k(logits_BV, top_k)[0], axis=-1, keepdims=True)
         logits_BV = jnp.where(logits_BV >= kth_B1, logits_BV, -jnp.inf)
     if top_p < 1.0:
@@ -80,7 +76,7 @@ def nucleus_floor(probs_BV, top_p: float):
     sum(p >= t) >= top_p, so the top token always stays.
 
     A bisection on the float bits (non-negative floats order as their int32 bits), exact after
-    31 halvings: 31 masked sums cost 1 ms over 50K tokens where a sort costs 9 (140 at batch 16).
+    31 halvings: 31 masked sums over the vocabulary cost far less than a sort (notes/inference.md).
     """
     bits_BV = jax.lax.bitcast_convert_type(probs_BV, jnp.int32)
 
@@ -99,9 +95,9 @@ def sample_next(key, logits_BV, sampling: Sampling):
     if sampling.temperature == 0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits_BV = filter_logits(logits_BV / sampling.temperature, sampling.top_k, sampling.top_p)
-    # Inverse CDF, one uniform per row: jax.random.categorical draws a Gumbel per token (2 ms over
-    # 50K tokens on CPU, a fifth of a 40M model's decode step). u lies in (0, total], so a token of
-    # probability 0 (filtered out) is never picked.
+    # Inverse CDF, one uniform per row: jax.random.categorical draws a Gumbel per token, a
+    # noticeable part of a small model's decode step (notes/inference.md). u lies in (0, total], so
+    # a token of probability 0 (filtered out) is never picked.
     cdf_BV = jnp.cumsum(jax.nn.softmax(logits_BV, axis=-1), axis=-1)
     u_B1 = (1.0 - jax.random.uniform(key, (cdf_BV.shape[0], 1))) * cdf_BV[:, -1:]
     return jnp.sum(cdf_BV < u_B1, axis=-1).astype(jnp.int32)
@@ -162,7 +158,7 @@ def left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     tokens_BT = np.zeros((len(prompts), width), np.int32)
     for row, prompt in zip(tokens_BT, prompts):
         row[width - len(prompt):] = prompt
-    return tokens_BT, np.array([width - len(p) for p in prompts], np.int32)
+    return tokens_BT, np.array([width - len(prompt) for prompt in prompts], np.int32)
 
 
 def generate(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int,
@@ -198,31 +194,8 @@ def check_lengths(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: in
 
 
 # --- Loading -------------------------------------------------------------------------------------
-
-
-def find_checkpoint(run: str, step: int | None) -> tuple[Config, Path, int]:
-    """The run's config, its checkpoint directory and the step to load (the latest by default)."""
-    run_dir = Path(run)
-    if not (run_dir / "config.json").is_file():
-        raise SampleError(f"--run {run}: no train.py run there ({run_dir / 'config.json'} is missing)")
-    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-    directory = run_dir / "checkpoints"
-    if not directory.is_dir():
-        raise SampleError(f"--run {run}: no checkpoints yet ({directory} is missing)")
-    with train.checkpoint_manager(directory, cfg.train.keep_checkpoints) as manager:
-        steps = sorted(manager.all_steps())
-    if not steps:
-        raise SampleError(f"--run {run}: no checkpoints yet in {directory}")
-    if step is not None and step not in steps:
-        raise SampleError(f"--step {step}: {run} has checkpoints at steps {', '.join(map(str, steps))}")
-    return cfg, directory, steps[-1] if step is None else step
-
-
-def restore_params(cfg: Config, directory: Path, step: int) -> dict:
-    tx, _ = train.make_optimizer(cfg)
-    abstract = train.abstract_state(cfg, tx)
-    with train.checkpoint_manager(directory, cfg.train.keep_checkpoints) as manager:
-        return train.restore(manager, step, abstract, names=("params",))["params"]
+# A run's parameters come from checkpoint.find_checkpoint and checkpoint.restore_params (the
+# parameters alone, no optimizer built).
 
 
 def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
@@ -273,32 +246,27 @@ class Streamer:
 # --- The command line ----------------------------------------------------------------------------
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):    # one line, like every other error here
-        raise SystemExit(f"error: {message}")
-
-
 def parse_args(argv=None):
-    p = Parser(description=__doc__.splitlines()[0])
-    source = p.add_mutually_exclusive_group()
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--run", help="a train.py run directory, e.g. runs/quickstart")
     source.add_argument("--config", help="a preset, with --random-init: an untrained model")
-    source.add_argument("--bench", action="store_true", help="prefill and decode tokens/s (CPU presets)")
-    p.add_argument("--step", type=int, help="the checkpoint step to load (default: the latest)")
-    p.add_argument("--random-init", action="store_true", help="with --config: parameters as at step 0")
-    text = p.add_mutually_exclusive_group()
+    parser.add_argument("--step", type=int, help="the checkpoint step to load (default: the latest)")
+    parser.add_argument("--random-init", action="store_true", help="with --config: parameters as at step 0")
+    text = parser.add_mutually_exclusive_group()
     text.add_argument("--prompt", action="append", help="text to continue; repeat for a batch of prompts")
     text.add_argument("--prompt-file", action="append", help="a file whose text is a prompt; may repeat")
-    p.add_argument("--max-new-tokens", type=int, help=f"default: up to {DEFAULT_NEW_TOKENS}, as the context allows")
-    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, help="keep the k likeliest tokens")
-    p.add_argument("--top-p", type=float, default=1.0, help="keep the nucleus of probability p")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt; one is streamed")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop-at-eot", action="store_true", help="end a sample at the end-of-text token")
-    p.add_argument("--tokenizer", help="bytes | gpt2 | PATH.tiktoken (default: the run's data's)")
-    p.add_argument("overrides", nargs="*", help="with --config: section.field=value")
-    return p.parse_intermixed_args(argv)     # overrides may come before or after the flags
+    parser.add_argument("--max-new-tokens", type=int,
+                        help=f"default: up to {DEFAULT_NEW_TOKENS}, as the context allows")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, help="keep the k likeliest tokens")
+    parser.add_argument("--top-p", type=float, default=1.0, help="keep the nucleus of probability p")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt; one is streamed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop-at-eot", action="store_true", help="end a sample at the end-of-text token")
+    parser.add_argument("--tokenizer", help="bytes | gpt2 | PATH.tiktoken (default: the run's data's)")
+    parser.add_argument("overrides", nargs="*", help="with --config: section.field=value")
+    return parser.parse_intermixed_args(argv)     # overrides may come before or after the flags
 
 
 def prompt_texts(args) -> list[str]:
@@ -324,8 +292,8 @@ def model_source(args) -> tuple[Config, Callable[[], dict]]:
     if args.run:
         if args.overrides or args.random_init:
             raise SampleError("--run takes no overrides or --random-init; those go with --config")
-        cfg, directory, step = find_checkpoint(args.run, args.step)
-        return cfg, lambda: restore_params(cfg, directory, step)
+        cfg, directory, step = checkpoint.find_checkpoint(args.run, args.step)
+        return cfg, lambda: checkpoint.restore_params(cfg, directory, step)
     if not args.config or not args.random_init:
         raise SampleError("give --run runs/NAME, or --config configs/NAME.py --random-init")
     if args.step is not None:
@@ -354,7 +322,8 @@ def sample_main(args) -> None:
     streamer = Streamer(enc, stop) if len(rows) == 1 else None
     if streamer:
         print(texts[0], end="", flush=True)
-    outs = generate(params, cfg.model, [p for _, p in rows], max_new, sampling, args.seed, stop, streamer)
+    outs = generate(params, cfg.model, [prompt for _, prompt in rows], max_new, sampling, args.seed, stop,
+                    streamer)
     if streamer:
         return streamer.close()
     for i, ((text, _), out) in enumerate(zip(rows, outs)):
@@ -364,82 +333,9 @@ def sample_main(args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        bench() if args.bench else sample_main(args)
+        sample_main(args)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
-
-
-# --- The benchmark -------------------------------------------------------------------------------
-
-BENCH = {"presets": ("quickstart", "design_40m"), "batches": (1, 16), "prompt": 128, "new": 128, "repeats": 3}
-
-
-def median_time(fn, repeats: int) -> float:
-    """Median seconds of fn() after one untimed call (the compile); fn must block on its result."""
-    return time_steps(fn, repeats, warmup=0)[1]
-
-
-def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
-    """Bytes/s read + written by a jitted in-place x + 1 over a float32 array far larger than the
-    caches (donated, so no fresh output pages are faulted in): the memory's streaming rate as
-    XLA's threads see it."""
-    box = [jnp.zeros(mib * 2**20 // 4, jnp.float32)]
-    bump = jax.jit(lambda x: x + 1, donate_argnums=0)
-
-    def run():
-        box[0] = bump(box[0]).block_until_ready()
-    return 2 * mib * 2**20 / median_time(run, repeats)
-
-
-def weight_bytes_per_step(params, cfg: ModelConfig) -> int:
-    """Parameter bytes one decode step reads: every matrix, norm and the unembedding (the whole
-    padded table); of the input embedding and learned positions only a few rows, ignored."""
-    total = sum(x.nbytes for x in jax.tree.leaves(params))
-    lookups = params["pos_embed"].nbytes if "pos_embed" in params else 0
-    return total - lookups - (0 if cfg.tie_embeddings else params["embed"].nbytes)
-
-
-def bench_case(params, cfg: ModelConfig, batch: int) -> tuple[float, float]:
-    """Prefill and decode tokens/s of one batch (greedy, random prompt tokens)."""
-    new, greedy, key = BENCH["new"], Sampling(temperature=0.0), jax.random.key(0)
-    prompt_BT = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, BENCH["prompt"]), np.int32)
-    start_B = np.zeros(batch, np.int32)
-    args = (params, prompt_BT, start_B, key, cfg, greedy, BENCH["prompt"] + new - 1)
-    prefill_s = median_time(lambda: jax.block_until_ready(prefill_fn(*args)), BENCH["repeats"])
-
-    def run_decode():
-        token_B, cache = jax.block_until_ready(prefill_fn(*args))
-        start = time.perf_counter()
-        jax.block_until_ready(decode_fn(params, token_B, cache, key, cfg, greedy, new - 1, None, None))
-        return time.perf_counter() - start
-    run_decode()
-    decode_s = statistics.median(run_decode() for _ in range(BENCH["repeats"]))
-    return batch * BENCH["prompt"] / prefill_s, batch * (new - 1) / decode_s
-
-
-def hardware() -> str:
-    return f"{cpu_name()}, {jax.devices()[0].platform}"
-
-
-def bench() -> None:
-    """A markdown table: prefill and decode tokens/s per preset and batch, next to the bound of
-    reading every weight once per decode step at the copy bandwidth measured in this run."""
-    b = BENCH
-    print(f"{datetime.date.today()} · {hardware()} · jax {jax.__version__} · float32, greedy · prompt "
-          f"{b['prompt']}, {b['new']} new tokens · median of {b['repeats']}")
-    print("| preset | weights read per step | copy bandwidth | batch | prefill tok/s | decode tok/s "
-          "| bound tok/s | decode / bound |\n|---|---|---|---|---|---|---|---|", flush=True)
-    for name in b["presets"]:
-        cfg = load_config(Path(__file__).parent / "configs" / f"{name}.py").model
-        params = random_params(cfg)
-        weight_bytes = weight_bytes_per_step(params, cfg)
-        for batch in b["batches"]:
-            bandwidth = copy_bandwidth()    # beside each row: other load on the machine drifts
-            prefill_rate, decode_rate = bench_case(params, cfg, batch)
-            bound = batch * bandwidth / weight_bytes
-            print(f"| {name} | {weight_bytes / 1e6:.1f} MB | {bandwidth / 1e9:.1f} GB/s | {batch} | "
-                  f"{prefill_rate:,.0f} | {decode_rate:,.0f} | {bound:,.0f} | {decode_rate / bound:.0%} |",
-                  flush=True)
 
 
 if __name__ == "__main__":

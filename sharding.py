@@ -1,8 +1,9 @@
 """The device mesh, and where every parameter, optimizer slot and batch lives on it.
 
 The only module that knows about devices. Parameters carry logical axis names (model.param_specs);
-one small rules table per strategy maps those names onto the mesh axes data, fsdp and tensor.
-A dimension that does not divide its mesh axis falls back to replication, and the table says so.
+one small rules table per strategy maps those names onto the mesh axes (the int fields of
+MeshConfig: data, fsdp, tensor). A dimension that does not divide its mesh axis falls back to
+replication, and the placement table says so.
 """
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+import cli
 import model
-from configs.base import ConfigError, MeshConfig
+from configs.base import STRATEGIES, ConfigError, MeshConfig
+from configs.load import load_config, preset_names, preset_path
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = MeshConfig.axes()
 RULES = {
     "dp": {},                                                         # everything replicated
     "fsdp": {"embed": "fsdp"},                                        # ZeRO-3 style, along d_model
@@ -24,8 +27,26 @@ RULES = {
 }
 
 
+
+
 class ShardingError(ConfigError):
     """A one-line problem with the mesh or the rules, raised before anything compiles."""
+
+
+def check_rules(rules_table: dict) -> None:
+    """Every strategy is one the config accepts, and every rule maps a known logical axis onto a
+    mesh axis: a misspelled name would otherwise replicate silently."""
+    if set(rules_table) != set(STRATEGIES):
+        raise ShardingError(f"sharding.RULES has strategies {sorted(rules_table)}; configs.base.STRATEGIES "
+                            f"lists {sorted(STRATEGIES)}")
+    for strategy, rules in rules_table.items():
+        for logical, mesh_axis in rules.items():
+            if logical not in model.LOGICAL_AXES or mesh_axis not in MESH_AXES:
+                raise ShardingError(f"sharding.RULES[{strategy!r}] maps {logical!r} -> {mesh_axis!r}; logical "
+                                    f"axes: {', '.join(sorted(model.LOGICAL_AXES))}; mesh axes: {', '.join(MESH_AXES)}")
+
+
+check_rules(RULES)
 
 
 def rules_for(strategy: str) -> dict:
@@ -39,15 +60,17 @@ def rules_for(strategy: str) -> dict:
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh over all devices; a size of -1 takes the devices left over."""
     devices = jax.devices() if devices is None else devices
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
-    fixed = math.prod(s for s in sizes if s != -1)
+    given = cfg.sizes()
+    sizes = list(given.values())
+    fixed = math.prod(size for size in sizes if size != -1)
     if -1 in sizes and len(devices) % fixed == 0:
         sizes[sizes.index(-1)] = len(devices) // fixed
     if math.prod(sizes) != len(devices):
-        given = " x ".join(f"{n}={s}" for n, s in zip(MESH_AXES, [cfg.data, cfg.fsdp, cfg.tensor]))
-        raise ShardingError(f"mesh {given} does not match the {len(devices)} devices; set mesh.data, mesh.fsdp "
-                            f"and mesh.tensor so their product is {len(devices)} (one may be -1)")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+        text = " x ".join(f"{axis}={size}" for axis, size in given.items())
+        names = ", ".join(f"mesh.{axis}" for axis in MESH_AXES)
+        raise ShardingError(f"mesh {text} does not match the {len(devices)} devices; set {names} so their "
+                            f"product is {len(devices)} (one may be -1)")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def partition_spec(name: str, spec: model.ParamSpec, rules: dict, mesh) -> tuple[PartitionSpec, str]:
@@ -117,8 +140,7 @@ def table(model_cfg, strategy: str, mesh: Mesh, abstract_state: dict, shardings:
         pspec, note = partition_spec(name, spec, rules, mesh)
         nbytes = bytes_per_device(spec.shape, spec.dtype, NamedSharding(mesh, pspec))
         rows.append((name, "x".join(map(str, spec.shape)), str(tuple(pspec)), f"{nbytes:,}", note))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = [cli.format_table(rows)]
     for item in ("params", "opt_state"):
         total = sum(bytes_per_device(a.shape, a.dtype, s) for a, s in
                     zip(jax.tree.leaves(abstract_state[item]), jax.tree.leaves(shardings[item])))
@@ -135,8 +157,7 @@ def memory_per_device(model_cfg, strategy: str, devices: int) -> dict:
     axis under dp): parameters, optimizer state (two moments in the parameter dtype), and the
     activations of one sequence at full context in bf16 without remat, L T (34 D + 5 H T)
     (Korthikanti et al., 2022), plus float32 logits and their gradient, 2 T V 4."""
-    sizes = {"data": devices if strategy == "dp" else 1, "fsdp": 1 if strategy == "dp" else devices,
-             "tensor": 1}
+    sizes = {axis: 1 for axis in MESH_AXES} | ({"data": devices} if strategy == "dp" else {"fsdp": devices})
     plan = types.SimpleNamespace(shape=sizes)
     rules = rules_for(strategy)
     params = 0
@@ -144,20 +165,19 @@ def memory_per_device(model_cfg, strategy: str, devices: int) -> dict:
         pspec, _ = partition_spec(name, spec, rules, plan)
         factor = math.prod(sizes[a] for a in pspec if a)
         params += math.prod(spec.shape) // factor * np.dtype(spec.dtype).itemsize
-    c = model_cfg
-    activations = c.n_layers * c.seq_len * (34 * c.d_model + 5 * c.n_heads * c.seq_len) \
-        + 2 * c.seq_len * c.padded_vocab * 4
+    L, T, D, H, V = (model_cfg.n_layers, model_cfg.seq_len, model_cfg.d_model, model_cfg.n_heads,
+                     model_cfg.padded_vocab)
+    activations = L * T * (34 * D + 5 * H * T) + 2 * T * V * 4
     return {"params": params, "opt_state": 2 * params, "activations": activations}
 
 
-def memory_table(presets=("quickstart", "micro_26m", "design_40m", "gpt2_124m", "modern_160m")) -> str:
+def memory_table(presets=None) -> str:
     """A markdown table of memory_per_device for every preset, dp and fsdp, at 8, 64, 256 devices."""
-    from configs.base import REPO_ROOT, load_config
     lines = ["| preset | strategy | devices | params | opt state | activations (1 seq) | total |",
              "|---|---|---|---|---|---|---|"]
     gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
-    for name in presets:
-        cfg = load_config(REPO_ROOT / "configs" / f"{name}.py").model
+    for name in presets or preset_names():
+        cfg = load_config(preset_path(name)).model
         for strategy in ("dp", "fsdp"):
             for devices in (8, 64, 256):
                 m = memory_per_device(cfg, strategy, devices)

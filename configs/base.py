@@ -1,17 +1,14 @@
-"""Frozen, validated configuration dataclasses and the preset loader.
+"""Frozen, validated configuration dataclasses, one section each: model, data, optim, train, mesh,
+eval.
 
-A preset is a Python file defining a module-level `config = Config(...)`.
-`load_config(path, overrides)` executes it and applies `section.field=value`
-overrides. Every dataclass validates itself on construction (and again on every
-`dataclasses.replace`), so a bad value fails in one line before anything is built.
+Every dataclass validates itself on construction (and again on every `dataclasses.replace`), so a
+bad value fails in one line before anything is built. Loading presets and overrides is
+configs/load.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib.util
 import math
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -72,8 +69,15 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+class _Derived(int):
+    """A size the config derived from others (e.g. head_dim = d_model // n_heads), not one it was
+    given. It behaves as the int it is; the mark lets `dataclasses.replace` and overrides derive it
+    afresh from the new values instead of carrying the old derivation along."""
+
+
 class _Validated:
-    """Type-checks every field against its annotation, then runs `validate`."""
+    """Type-checks every field against its annotation, rejects non-finite floats, then runs
+    `validate`."""
 
     section: ClassVar[str] = ""
 
@@ -81,15 +85,37 @@ class _Validated:
         for f in dataclasses.fields(self):
             hint = typing.get_type_hints(type(self))[f.name]
             value = getattr(self, f.name)
+            if isinstance(value, _Derived):
+                value = None
             ok, coerced = _type_ok(value, hint)
             if not ok:
                 _fail(f"{self.section}.{f.name}={value!r} has type {type(value).__name__}; "
                       f"expected {_type_name(hint)}")
+            if isinstance(coerced, float) and not math.isfinite(coerced):
+                _fail(f"{self.section}.{f.name}={coerced!r} must be a finite number")
             object.__setattr__(self, f.name, coerced)
         self.validate()
 
     def validate(self) -> None:
         pass
+
+    def derive(self, name: str, value: int) -> None:
+        """Fill a field left as None with the value derived from the others, once."""
+        if getattr(self, name) is None:
+            object.__setattr__(self, name, _Derived(value))
+
+
+# MLP kinds: name -> (activation, gated). A gated MLP is act(x W_gate) * (x W_up) W_out.
+# layers.ACTIVATIONS implements each activation; tests/np_reference.py and torch/model.py each
+# implement them again, independently.
+MLPS = {
+    "swiglu": ("silu", True),
+    "geglu": ("gelu", True),
+    "silu": ("silu", False),
+    "gelu": ("gelu", False),
+    "gelu_tanh": ("gelu_tanh", False),   # Hugging Face's gelu_new (GPT-2)
+    "relu2": ("relu2", False),
+}
 
 
 @dataclass(frozen=True)
@@ -102,7 +128,7 @@ class ModelConfig(_Validated):
     n_layers: int = 12
     d_model: int = 768
     n_heads: int = 12
-    n_kv_heads: int | None = None    # None: = n_heads (MHA); 1: MQA; else GQA
+    n_kv_heads: int | None = None    # None: n_heads (MHA); 1: MQA; else GQA
     head_dim: int | None = None      # None: d_model // n_heads
     # Norms.
     norm: str = "rmsnorm"            # rmsnorm | layernorm
@@ -123,7 +149,7 @@ class ModelConfig(_Validated):
     attn_bias: bool = False          # biases on the QKV and output projections
     attn_impl: str = "xla"           # xla | cudnn | einsum
     # MLP.
-    mlp: str = "swiglu"              # swiglu | geglu | gelu | gelu_tanh | relu2
+    mlp: str = "swiglu"              # a key of MLPS: swiglu | geglu | silu | gelu | gelu_tanh | relu2
     d_ff: int | None = None          # None: derived by d_ff_rule
     d_ff_rule: str = "auto"          # auto (8/3 for gated, 4 otherwise) | 4x | 8/3
     d_ff_multiple: int = 64          # the 8/3 rule rounds up to this
@@ -145,6 +171,16 @@ class ModelConfig(_Validated):
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False              # recompute each block in the backward pass
+    # Mixture of experts (n_experts > 0): every moe_every-th block's MLP is a routed MoE.
+    n_experts: int = 0               # 0: dense model
+    top_k: int = 2                   # experts per token (topk_softmax router)
+    expert_ff: int | None = None     # each expert's hidden size; None: d_ff
+    n_shared_experts: int = 0        # always-on experts beside the routed ones
+    moe_every: int = 1               # 1: every block is MoE; k: blocks k, 2k, ... are
+    router: str = "topk_softmax"     # topk_softmax (Switch/Mixtral) | soft (Soft MoE)
+    capacity_factor: float | None = None   # None: dropless; c: each expert takes c * top_k * N / E tokens
+    aux_loss: float = 0.01           # load-balancing loss coefficient (Switch/GShard form)
+    router_z_loss: float = 0.001     # router z-loss coefficient (ST-MoE)
 
     def validate(self) -> None:
         s = self.section
@@ -155,23 +191,21 @@ class ModelConfig(_Validated):
         _choice(s, "norm_position", self.norm_position, ("pre", "post"))
         _choice(s, "pos", self.pos, ("rope", "learned", "none"))
         _choice(s, "attn_impl", self.attn_impl, ("xla", "cudnn", "einsum"))
-        _choice(s, "mlp", self.mlp, ("swiglu", "geglu", "gelu", "gelu_tanh", "relu2"))
+        _choice(s, "mlp", self.mlp, tuple(MLPS))
         _choice(s, "d_ff_rule", self.d_ff_rule, ("auto", "4x", "8/3"))
         for name in ("init", "embed_init", "unembed_init"):
             _choice(s, name, getattr(self, name), ("normal", "xavier", "fan_in"))
         for name in ("param_dtype", "compute_dtype"):
             _choice(s, name, getattr(self, name), FLOAT_DTYPES)
+        self.derive_sizes()
         if self.norm_bias and self.norm != "layernorm":
             _fail(f"{s}.norm_bias=True needs {s}.norm='layernorm' (RMSNorm has no bias)")
-        if self.head_dim is None and self.d_model % self.n_heads:
-            _fail(f"{s}.d_model={self.d_model} is not divisible by {s}.n_heads={self.n_heads}; "
-                  f"pick n_heads dividing d_model or set {s}.head_dim")
-        if self.n_heads % self.kv_heads:
+        if self.n_heads % self.n_kv_heads:
             valid = [k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]
-            _fail(f"{s}.n_heads={self.n_heads} is not divisible by {s}.n_kv_heads={self.kv_heads}; "
+            _fail(f"{s}.n_heads={self.n_heads} is not divisible by {s}.n_kv_heads={self.n_kv_heads}; "
                   f"valid n_kv_heads: {valid}")
-        if self.pos == "rope" and self.head_size % 2:
-            _fail(f"{s}.head_dim={self.head_size} must be even for RoPE")
+        if self.pos == "rope" and self.head_dim % 2:
+            _fail(f"{s}.head_dim={self.head_dim} must be even for RoPE")
         if self.yarn_factor < 1.0:
             _fail(f"{s}.yarn_factor={self.yarn_factor} must be >= 1 (1 disables YaRN)")
         if self.yarn_factor > 1.0 and self.pos != "rope":
@@ -180,29 +214,42 @@ class ModelConfig(_Validated):
             _fail(f"{s}.yarn_beta_fast={self.yarn_beta_fast} must exceed yarn_beta_slow={self.yarn_beta_slow}")
         if self.z_loss < 0:
             _fail(f"{s}.z_loss={self.z_loss} must be >= 0")
+        self.validate_moe()
+
+    def validate_moe(self) -> None:
+        s = self.section
+        _choice(s, "router", self.router, ("topk_softmax", "soft"))
+        _positive(s, self, "top_k", "expert_ff", "moe_every", "capacity_factor")
+        for name in ("n_experts", "n_shared_experts", "aux_loss", "router_z_loss"):
+            if getattr(self, name) < 0:
+                _fail(f"{s}.{name}={getattr(self, name)} must be >= 0")
+        if not self.n_experts:
+            return
+        if self.top_k > self.n_experts:
+            _fail(f"{s}.top_k={self.top_k} exceeds {s}.n_experts={self.n_experts}; choose top_k <= n_experts")
+        if self.n_layers % self.moe_every:
+            _fail(f"{s}.n_layers={self.n_layers} is not a multiple of {s}.moe_every={self.moe_every}")
+
+    def derive_sizes(self) -> None:
+        """n_kv_heads, head_dim and d_ff, when not given, derived once from the other fields."""
+        s = self.section
+        if self.head_dim is None and self.d_model % self.n_heads:
+            _fail(f"{s}.d_model={self.d_model} is not divisible by {s}.n_heads={self.n_heads}; "
+                  f"pick n_heads dividing d_model or set {s}.head_dim")
+        self.derive("n_kv_heads", self.n_heads)
+        self.derive("head_dim", self.d_model // self.n_heads)
+        rule = self.d_ff_rule if self.d_ff_rule != "auto" else ("8/3" if self.gated else "4x")
+        multiple = self.d_ff_multiple
+        self.derive("d_ff", 4 * self.d_model if rule == "4x" else
+                    multiple * math.ceil(int(8 * self.d_model / 3) / multiple))
 
     @property
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
+    def activation(self) -> str:
+        return MLPS[self.mlp][0]
 
     @property
     def gated(self) -> bool:
-        return self.mlp in ("swiglu", "geglu")
-
-    @property
-    def ff_size(self) -> int:
-        """MLP hidden width: explicit, 4 d, or 8/3 d rounded up to d_ff_multiple."""
-        if self.d_ff is not None:
-            return self.d_ff
-        rule = self.d_ff_rule if self.d_ff_rule != "auto" else ("8/3" if self.gated else "4x")
-        if rule == "4x":
-            return 4 * self.d_model
-        m = self.d_ff_multiple
-        return m * math.ceil(int(8 * self.d_model / 3) / m)
+        return MLPS[self.mlp][1]
 
     @property
     def padded_vocab(self) -> int:
@@ -274,7 +321,6 @@ class TrainConfig(_Validated):
     batch_size: int = 8              # global batch, in sequences
     grad_accum: int = 1              # micro-batches per step (each batch_size / grad_accum)
     log_every: int = 10
-    eval_every: int = 200
     ckpt_every: int = 500
     keep_checkpoints: int = 3        # the last K are kept
     run_dir: str = ""                # "": runs/<config name>
@@ -282,7 +328,7 @@ class TrainConfig(_Validated):
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: from the device table
 
     def validate(self) -> None:
-        _positive(self.section, self, "steps", "batch_size", "grad_accum", "log_every", "eval_every",
+        _positive(self.section, self, "steps", "batch_size", "grad_accum", "log_every",
                   "ckpt_every", "keep_checkpoints", "peak_flops")
         if self.batch_size % self.grad_accum:
             _fail(f"train.batch_size={self.batch_size} is not divisible by train.grad_accum="
@@ -291,23 +337,48 @@ class TrainConfig(_Validated):
 
 @dataclass(frozen=True)
 class MeshConfig(_Validated):
+    """The device mesh: every int field is one mesh axis, in mesh order (the one table of axes;
+    a new axis is one field here plus its rules in sharding.RULES)."""
     section: ClassVar[str] = "mesh"
     data: int = -1                   # -1: the devices left over
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1                  # expert parallelism: MoE experts split over this axis
     strategy: str = "dp"             # dp | fsdp | tp, or a combination such as fsdp+tp
+
+    @classmethod
+    def axes(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.type in (int, "int"))
+
+    def sizes(self) -> dict[str, int]:
+        return {axis: getattr(self, axis) for axis in self.axes()}
 
     def validate(self) -> None:
         parts = self.strategy.split("+")
-        if not all(p in STRATEGIES for p in parts) or len(set(parts)) != len(parts):
+        if not all(part in STRATEGIES for part in parts) or len(set(parts)) != len(parts):
             _fail(f"mesh.strategy={self.strategy!r} is not valid; use one of {', '.join(STRATEGIES)} "
                   f"or a '+' combination such as 'fsdp+tp'")
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-        for name, size in sizes.items():
+        for axis, size in self.sizes().items():
             if size == 0 or size < -1:
-                _fail(f"mesh.{name}={size} must be a positive size or -1 (fill the remaining devices)")
-        if sum(size == -1 for size in sizes.values()) > 1:
-            _fail("mesh: at most one of data, fsdp, tensor may be -1")
+                _fail(f"mesh.{axis}={size} must be a positive size or -1 (fill the remaining devices)")
+        if sum(size == -1 for size in self.sizes().values()) > 1:
+            _fail(f"mesh: at most one of {', '.join(self.axes())} may be -1")
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Validated):
+    section: ClassVar[str] = "eval"
+    every: int = 200                 # validation loss (and the tasks) every this many steps, and at the end
+    tasks: tuple[str, ...] = ()      # NAME=PATH.jsonl: hellaswag=..., or any multiple-choice jsonl
+    max_items: int | None = None     # items per task; None: all of them
+    batch_size: int = 16             # items per evaluation batch
+
+    def validate(self) -> None:
+        _positive(self.section, self, "every", "max_items", "batch_size")
+        for task in self.tasks:
+            name, sep, path = task.partition("=")
+            if not sep or not name or not path:
+                _fail(f"eval.tasks entry {task!r} is not of the form NAME=PATH (e.g. hellaswag=data/hellaswag_val.jsonl)")
 
 
 @dataclass(frozen=True)
@@ -319,110 +390,4 @@ class Config(_Validated):
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
-
-
-SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name != "name"}
-
-
-# --- Overrides and (de)serialization -------------------------------------------------------------
-
-
-def _closest(word: str, options) -> str:
-    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else f"; valid: {', '.join(sorted(options))}"
-
-
-def _section_hints(section: str) -> dict:
-    if section not in SECTIONS:
-        _fail(f"unknown config section {section!r}{_closest(section, SECTIONS)}")
-    return typing.get_type_hints(typing.get_type_hints(Config)[section])
-
-
-def _parse_value(text: str, hint, key: str):
-    """Parse an override's text to the field's annotated type."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if type(None) in args and text.lower() in ("none", "null"):
-            return None
-        hint = next(a for a in args if a is not type(None))
-    try:
-        if hint is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        if hint is int:
-            number = float(text.replace("_", ""))
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        if hint is float:
-            return float(text)
-        if typing.get_origin(hint) is tuple:
-            item = typing.get_args(hint)[0]
-            return tuple(_parse_value(t.strip(), item, key) for t in text.split(",") if t.strip())
-    except ValueError:
-        _fail(f"override {key}={text!r}: expected {_type_name(hint)}")
-    return text
-
-
-def apply_overrides(config: Config, overrides) -> Config:
-    """Apply `section.field=value` strings, each parsed to the field's type."""
-    changes: dict[str, dict] = {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot:
-            _fail(f"override {item!r} is not of the form section.field=value (e.g. model.n_layers=4)")
-        hints = _section_hints(section)
-        if name not in hints:
-            _fail(f"unknown key {key!r}{_closest(name, hints)}")
-        changes.setdefault(section, {})[name] = _parse_value(text.strip(), hints[name], key)
-    return dataclasses.replace(config, **{
-        section: dataclasses.replace(getattr(config, section), **fields)
-        for section, fields in changes.items()})
-
-
-def config_to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
-
-
-def config_from_dict(d: dict) -> Config:
-    """Inverse of config_to_dict (e.g. a run's config.json); unknown keys fail with a suggestion."""
-    sections = {}
-    for section, values in d.items():
-        if section == "name":
-            continue
-        hints = _section_hints(section)
-        for name in values:
-            if name not in hints:
-                _fail(f"unknown key '{section}.{name}'{_closest(name, hints)}")
-        cls = typing.get_type_hints(Config)[section]
-        sections[section] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-    return Config(name=d.get("name", ""), **sections)
-
-
-def preset_names() -> tuple[str, ...]:
-    """The presets shipped in configs/ (every file but base.py), by name."""
-    return tuple(sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py") if p.stem not in ("base", "__init__")))
-
-
-def preset_path(name: str) -> Path:
-    return REPO_ROOT / "configs" / f"{name}.py"
-
-
-def load_config(path, overrides=()) -> Config:
-    """Execute the preset file at `path`, take its `config`, and apply the overrides."""
-    path = Path(path)
-    if not path.is_file():
-        _fail(f"config file {str(path)!r} does not exist; presets live in {REPO_ROOT / 'configs'}")
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = getattr(module, "config", None)
-    if not isinstance(config, Config):
-        _fail(f"config file {str(path)!r} must define a module-level `config = Config(...)`")
-    if not config.name:
-        config = dataclasses.replace(config, name=path.stem)
-    return apply_overrides(config, overrides)
+    eval: EvalConfig = field(default_factory=EvalConfig)

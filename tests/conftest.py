@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 # A model small enough to train a few steps in seconds; any test adds its own overrides after these.
 TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.seq_len=32",
-        "train.batch_size=4", "data.val_tokens=256", "train.log_every=1", "train.eval_every=4"]
+        "train.batch_size=4", "data.val_tokens=256", "train.log_every=1", "eval.every=4"]
 
 
 def run_train(corpus, run_dir, *overrides, config="configs/quickstart.py", extra=(), check=True,
@@ -37,8 +37,8 @@ def records(run_dir) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    """A real byte-level corpus made by `data.prepare` from text files (train and val shards)."""
-    import data
+    """A real byte-level corpus made by `corpus.prepare` from text files (train and val shards)."""
+    import corpus as corpus_tool    # the module, under another name than this fixture
     root = tmp_path_factory.mktemp("corpus")
     texts = root / "texts"
     texts.mkdir()
@@ -47,7 +47,7 @@ def corpus(tmp_path_factory):
     for i in range(6):
         sentences = [" ".join(rng.choice(words, 8)) + "." for _ in range(300)]
         (texts / f"doc{i}.txt").write_text("\n".join(sentences))
-    data.prepare(str(texts / "*.txt"), "bytes", root / "shards", val_fraction=0.2, workers=1)
+    corpus_tool.prepare(str(texts / "*.txt"), "bytes", root / "shards", val_fraction=0.2, workers=1)
     return root / "shards"
 
 

@@ -27,7 +27,7 @@ def norm(p, x, cfg):
 
 def rope_inv_freq(cfg):
     """YaRN as written in the paper: ramp on r = L / lambda over [beta_slow, beta_fast]."""
-    e = cfg.head_size
+    e = cfg.head_dim
     inv = np.array([cfg.rope_theta ** (-2.0 * i / e) for i in range(e // 2)])
     if cfg.yarn_factor == 1.0:
         return inv, 1.0
@@ -73,7 +73,7 @@ def causal_attention(q_TE, k_TE, v_TE):
 
 def attention(p, x_TD, cfg):
     """Per-head loop; query head h reads kv head h // (H / K)."""
-    H, K, E = cfg.n_heads, cfg.kv_heads, cfg.head_size
+    H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     G = H // K
     w = p["wqkv"]  # [D, K, G + 2, E]
     b = p.get("bqkv", np.zeros(w.shape[1:]))
@@ -102,13 +102,14 @@ def gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-ACT = {"swiglu": lambda x: x / (1 + np.exp(-x)), "geglu": gelu, "gelu": gelu,
-       "gelu_tanh": gelu_tanh, "relu2": lambda x: np.maximum(x, 0) ** 2}
+# Keyed by activation; the config's MLP kind (configs.base.MLPS) names one and whether it is gated.
+ACT = {"silu": lambda x: x / (1 + np.exp(-x)), "gelu": gelu, "gelu_tanh": gelu_tanh,
+       "relu2": lambda x: np.maximum(x, 0) ** 2}
 
 
 def mlp(p, x, cfg):
-    act = ACT[cfg.mlp]
-    if cfg.mlp in ("swiglu", "geglu"):
+    act = ACT[cfg.activation]
+    if cfg.gated:
         b = p.get("b_in", np.zeros(p["w_in"].shape[1:]))
         h = act(x @ p["w_in"][:, 0] + b[0]) * (x @ p["w_in"][:, 1] + b[1])
     else:

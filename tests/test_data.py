@@ -1,16 +1,19 @@
-"""Tests for data.py: shard format, tokenizers, the grain loader, prepare/inspect and the fineweb
-downloader. CPU only, no network, small shapes."""
+"""Tests for data.py (shard format, tokenizers, the grain loader) and corpus.py (prepare, inspect
+and the fineweb downloader). CPU only, no network, small shapes."""
+import ast
 import base64
 import http.client
 import io
-import json
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import corpus as corpus_tool    # conftest's session fixture is named `corpus`
 import data
-from configs.base import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, apply_overrides
+from configs.base import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
+from configs.load import apply_overrides
 
 EOT = 256   # the bytes tokenizer's end-of-text id
 SEQ = 16
@@ -31,7 +34,7 @@ def dataset(tmp_path):
     for i, n in enumerate([1000, 1700, 600]):
         data.write_shard(tmp_path / f"train_{i:06d}.bin", random_tokens(i, n))
     data.write_shard(tmp_path / "val_000000.bin", random_tokens(9, 3000))
-    data._write_meta(tmp_path, "bytes", data.get_tokenizer("bytes"))
+    data.write_meta(tmp_path, "bytes", EOT, 257)
     return tmp_path
 
 
@@ -256,7 +259,7 @@ def test_val_bytes_none_without_tokenizer(dataset, monkeypatch):
     def offline(name):
         raise OSError("no network")
     monkeypatch.setattr(data.tiktoken, "get_encoding", offline)
-    (dataset / data.META_FILE).write_text(json.dumps(data.FINEWEB_META))
+    data.write_meta(dataset, **corpus_tool.FINEWEB_META)
     assert data.val_bytes(make_cfg(dataset)) is None
 
 
@@ -307,11 +310,11 @@ def decoded_docs(out, split):
 def test_prepare_then_inspect(texts, tmp_path, capsys):
     folder, contents = texts
     out = tmp_path / "out"
-    data.prepare(str(folder / "*.txt"), "bytes", out, val_fraction=0.2, shard_tokens=300, workers=1)
+    corpus_tool.prepare(str(folder / "*.txt"), "bytes", out, val_fraction=0.2, shard_tokens=300, workers=1)
     train, val = decoded_docs(out, "train"), decoded_docs(out, "val")
     assert len(data.find_shards(out, "train")) > 1
     assert sorted(train + val) == sorted(contents.values()) and val and not set(train) & set(val)
-    data.inspect_shards(out, full=True)
+    corpus_tool.inspect_shards(out, full=True)
     printed = capsys.readouterr().out
     assert "train_000000.bin" in printed and "val_000000.bin" in printed
     assert "histogram over all" in printed and train[0][:40] in printed
@@ -320,7 +323,7 @@ def test_prepare_then_inspect(texts, tmp_path, capsys):
 def test_prepare_is_deterministic_across_workers(texts, tmp_path):
     folder, _ = texts
     for workers in (1, 2):
-        data.prepare(str(folder / "*.txt"), "bytes", tmp_path / f"w{workers}", 0.2, 300, workers)
+        corpus_tool.prepare(str(folder / "*.txt"), "bytes", tmp_path / f"w{workers}", 0.2, 300, workers)
     names = sorted(p.name for p in (tmp_path / "w1").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "w2").iterdir())
     assert all((tmp_path / "w1" / n).read_bytes() == (tmp_path / "w2" / n).read_bytes() for n in names)
@@ -330,9 +333,9 @@ def test_prepare_with_ranks_file_and_rerun(texts, tmp_path):
     folder, contents = texts
     ranks = write_ranks(tmp_path / "tiny.tiktoken", extra=(b"na", b"\xc3\xaf"))
     out = tmp_path / "out"
-    data.prepare(str(folder / "*.txt"), str(ranks), out, 0.2, 100, workers=1)
+    corpus_tool.prepare(str(folder / "*.txt"), str(ranks), out, 0.2, 100, workers=1)
     many = len(data.find_shards(out, "train"))
-    data.prepare(str(folder / "*.txt"), str(ranks), out, 0.2, 10_000, workers=1)
+    corpus_tool.prepare(str(folder / "*.txt"), str(ranks), out, 0.2, 10_000, workers=1)
     assert many > 1 and [p.name for p in data.find_shards(out, "train")] == ["train_000000.bin"]
     assert data.read_meta(out)["tokenizer"] == "tiny.tiktoken" and (out / "tiny.tiktoken").is_file()
     assert sorted(decoded_docs(out, "train") + decoded_docs(out, "val")) == sorted(contents.values())
@@ -340,17 +343,17 @@ def test_prepare_with_ranks_file_and_rerun(texts, tmp_path):
 
 def test_failed_prepare_leaves_no_shards(texts, tmp_path, monkeypatch):
     folder, _ = texts
-    encode, calls = data._encode_file, []
+    encode, calls = corpus_tool._encode_file, []
 
     def flaky(task):
         calls.append(task)
         if len(calls) == 6:
             raise UnicodeError("unreadable file")
         return encode(task)
-    monkeypatch.setattr(data, "_encode_file", flaky)
+    monkeypatch.setattr(corpus_tool, "_encode_file", flaky)
     out = tmp_path / "out"
     with pytest.raises(UnicodeError):
-        data.prepare(str(folder / "*.txt"), "bytes", out, 0.2, 50, workers=1)
+        corpus_tool.prepare(str(folder / "*.txt"), "bytes", out, 0.2, 50, workers=1)
     assert list(out.iterdir()) == []
 
 
@@ -364,7 +367,7 @@ def test_bad_prepare_inputs(texts, tmp_path):
     for change, message in cases:
         args = {"input_spec": str(folder / "*.txt"), "tokenizer": "bytes", "out": tmp_path / "out", **change}
         with pytest.raises(data.DataError, match=message):
-            data.prepare(**args)
+            corpus_tool.prepare(**args)
     assert not (tmp_path / "out").exists()
 
 
@@ -372,20 +375,21 @@ def test_inspect_full_scans_every_token(tmp_path, capsys):
     tokens = random_tokens(0, 300_000)
     tokens[10_000] = 300          # between the chunks the load-time check samples
     data.write_shard(tmp_path / "train_000000.bin", tokens)
-    data._write_meta(tmp_path, "bytes", data.get_tokenizer("bytes"))
+    data.write_meta(tmp_path, "bytes", EOT, 257)
     next(data.train_batches(make_cfg(tmp_path, "model.vocab_size=301")))
-    data.inspect_shards(tmp_path)
+    corpus_tool.inspect_shards(tmp_path)
     with pytest.raises(data.DataError, match="train_000000.bin: token id 300 >= n_vocab=257"):
-        data.inspect_shards(tmp_path, full=True)
+        corpus_tool.inspect_shards(tmp_path, full=True)
 
 
 def test_stdlib_corpus(tmp_path):
-    files, root = data.stdlib_files()
-    train, val = data.split_files(files, root, 0.05)
+    files, root = corpus_tool.stdlib_files()
+    train, val = corpus_tool.split_files(files, root, 0.05)
     assert len(files) > 100 and val and not set(train) & set(val) and set(train) | set(val) == set(files)
     assert all("site-packages" not in f.parts for f in files)
     out = tmp_path / "stdlib"
-    data.main(["prepare", "--input", "stdlib", "--tokenizer", "bytes", "--out", str(out), "--workers", "1"])
+    corpus_tool.main(["prepare", "--input", "stdlib", "--tokenizer", "bytes", "--out", str(out),
+                      "--workers", "1"])
     for split, held in (("train", train), ("val", val)):
         tokens = np.concatenate([data.read_shard(p) for p in data.find_shards(out, split)])
         assert int((tokens == EOT).sum()) == len(held)
@@ -394,11 +398,35 @@ def test_stdlib_corpus(tmp_path):
     assert next(data.train_batches(cfg))["inputs"].shape == (8, 256) and len(data.val_batches(cfg)) == 256
 
 
+def test_cli_inspect(corpus, capsys):
+    corpus_tool.main(["inspect", str(corpus)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{corpus}: tokenizer 'bytes', n_vocab 257, end-of-text {EOT}"
+    assert lines[1].split() == ["shard", "dtype", "tokens"]
+    for line, split in zip(lines[2:4], ("train", "val")):
+        name, dtype, tokens = line.split()
+        assert (name, dtype) == (f"{split}_000000.bin", "uint16")
+        assert int(tokens.replace(",", "")) == len(data.read_shard(corpus / name))
+
+
 def test_cli_reports_one_line_errors(tmp_path):
-    with pytest.raises(SystemExit, match=r"^data.py inspect: error: .*tokenizer.json is missing"):
-        data.main(["inspect", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"^corpus.py inspect: error: .*tokenizer.json is missing"):
+        corpus_tool.main(["inspect", str(tmp_path)])
     with pytest.raises(SystemExit, match="matches no files"):
-        data.main(["prepare", "--input", str(tmp_path / "*.md"), "--tokenizer", "bytes", "--out", "x"])
+        corpus_tool.main(["prepare", "--input", str(tmp_path / "*.md"), "--tokenizer", "bytes",
+                          "--out", "x"])
+    with pytest.raises(SystemExit, match=r"^error: argument command: invalid choice: 'bench'"):
+        corpus_tool.main(["bench"])      # the loader benchmark lives in benchmarks/loader.py
+
+
+def test_data_imports_no_command_line_module():
+    """data.py is the library under train.py, sample.py and corpus.py: importing any of them (or
+    bench.py, which imports train.py) from it would make an import cycle."""
+    tree = ast.parse((Path(__file__).parent.parent / "data.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"bench", "corpus", "sample", "train", "benchmarks"}
 
 
 # --- fineweb download -----------------------------------------------------------------------------
@@ -443,45 +471,46 @@ def shard_bytes(tmp_path):
 
 def test_download_file_url(tmp_path, shard_bytes):
     (tmp_path / "remote.bin").write_bytes(shard_bytes)
-    dest = data.download((tmp_path / "remote.bin").as_uri(), tmp_path / "x.bin")
+    dest = corpus_tool.download((tmp_path / "remote.bin").as_uri(), tmp_path / "x.bin")
     assert dest.read_bytes() == shard_bytes and not (tmp_path / "x.bin.part").exists()
 
 
 def test_download_resumes_partial_file_with_range(tmp_path, shard_bytes):
     (tmp_path / "x.bin.part").write_bytes(shard_bytes[:2500])
     server = LocalServer(shard_bytes)
-    data.download("https://example/x.bin", tmp_path / "x.bin", open_url=server)
+    corpus_tool.download("https://example/x.bin", tmp_path / "x.bin", open_url=server)
     assert server.requests == ["bytes=2500-"] and (tmp_path / "x.bin").read_bytes() == shard_bytes
 
 
 def test_download_restarts_when_range_ignored(tmp_path, shard_bytes):
     (tmp_path / "x.bin.part").write_bytes(shard_bytes[:1500])
     server = LocalServer(shard_bytes, ranges=False)
-    data.download("https://example/x.bin", tmp_path / "x.bin", open_url=server)
+    corpus_tool.download("https://example/x.bin", tmp_path / "x.bin", open_url=server)
     assert (tmp_path / "x.bin").read_bytes() == shard_bytes
 
 
 def test_download_retries_and_resumes_after_drop(tmp_path, shard_bytes):
     server = LocalServer(shard_bytes, cut_at=4000)
-    data.download("https://example/x.bin", tmp_path / "x.bin", open_url=server, backoff=0)
+    corpus_tool.download("https://example/x.bin", tmp_path / "x.bin", open_url=server, backoff=0)
     assert server.requests == [None, "bytes=4000-"] and (tmp_path / "x.bin").read_bytes() == shard_bytes
     flaky = LocalServer(shard_bytes, fail_first=2)
-    data.download("https://example/y.bin", tmp_path / "y.bin", open_url=flaky, backoff=0)
+    corpus_tool.download("https://example/y.bin", tmp_path / "y.bin", open_url=flaky, backoff=0)
     assert len(flaky.requests) == 3 and (tmp_path / "y.bin").read_bytes() == shard_bytes
 
 
 def test_download_failures(tmp_path, shard_bytes):
     with pytest.raises(data.DataError, match="failed its size check and was deleted"):
-        data.download("https://e/x.bin", tmp_path / "x.bin", open_url=LocalServer(shard_bytes + b"junk"))
+        corpus_tool.download("https://e/x.bin", tmp_path / "x.bin",
+                             open_url=LocalServer(shard_bytes + b"junk"))
     assert list(tmp_path.iterdir()) == [tmp_path / "source.bin"]
     with pytest.raises(data.DataError, match="still incomplete after 3 attempts"):
-        data.download("https://e/x.bin", tmp_path / "x.bin", open_url=LocalServer(b"", fail_first=9),
+        corpus_tool.download("https://e/x.bin", tmp_path / "x.bin", open_url=LocalServer(b"", fail_first=9),
                       retries=2, backoff=0)
 
     def missing(request, timeout):
         raise urllib.error.HTTPError(request.full_url, 404, "Not Found", {}, None)
     with pytest.raises(data.DataError, match="https://e/z.bin: HTTP 404 Not Found"):
-        data.download("https://e/z.bin", tmp_path / "z.bin", open_url=missing)
+        corpus_tool.download("https://e/z.bin", tmp_path / "z.bin", open_url=missing)
 
 
 def test_fineweb_from_local_mirror(tmp_path, shard_bytes):
@@ -490,8 +519,8 @@ def test_fineweb_from_local_mirror(tmp_path, shard_bytes):
     for name in ("fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"):
         (mirror / name).write_bytes(shard_bytes)
     out = tmp_path / "fineweb"
-    data.fineweb(2, out, base_url=mirror.as_uri() + "/")
+    corpus_tool.fineweb(2, out, base_url=mirror.as_uri() + "/")
     assert len(data.find_shards(out, "train")) == 2 and len(data.find_shards(out, "val")) == 1
     assert data.read_meta(out)["tokenizer"] == "gpt2"
     with pytest.raises(data.DataError, match=r"--train-shards 104 must be in \[1, 103\]"):
-        data.fineweb(104, out)
+        corpus_tool.fineweb(104, out)

@@ -10,6 +10,7 @@ import pytest
 
 import model
 import np_reference as ref
+from numerics import assert_close
 from configs.base import ModelConfig
 
 B, T = 2, 12
@@ -57,7 +58,7 @@ def test_forward_matches_float64_reference(name):
     assert logits.shape == (B, T, cfg.vocab_size) and logits.dtype == jnp.float32
     assert bool(jnp.isfinite(logits).all())
     expected = ref.forward(ref.to_float64(params), toks, cfg)
-    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=2e-5)
+    assert_close(logits, expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", GRID)
@@ -127,7 +128,7 @@ def test_remat_gives_the_same_gradients():
     cfg = tiny(n_kv_heads=2)
     params, batch = params_for(cfg), {"inputs": tokens(cfg), "targets": tokens(cfg, 1)}
     grad = lambda c: jax.grad(lambda p: model.loss_fn(p, batch, c)[0])(params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    jax.tree.map(lambda a, b: assert_close(a, b, rel=1e-5),
                  grad(cfg), grad(dataclasses.replace(cfg, remat=True)))
 
 
@@ -136,7 +137,7 @@ def test_attention_backends_agree_inside_the_model():
     params, toks = params_for(cfg), tokens(cfg)
     a, _ = model.forward(params, toks, dataclasses.replace(cfg, attn_impl="xla"))
     b, _ = model.forward(params, toks, dataclasses.replace(cfg, attn_impl="einsum"))
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_close(a, b, rel=1e-5)
 
 
 def test_program_size_does_not_grow_with_depth():
@@ -236,11 +237,11 @@ def test_decoding_through_the_cache_matches_the_full_forward(opts):
     full, _ = model.forward(params, toks, cfg)
     step = jax.jit(lambda p, x, c: (lambda logits, aux: (logits, aux["cache"]))(*model.forward(p, x, cfg, cache=c)))
     logits, cache = step(params, toks[:, :5], model.init_cache(cfg, B, T))    # prefill 5
-    np.testing.assert_allclose(logits, full[:, :5], rtol=1e-5, atol=1e-5)
+    assert_close(logits, full[:, :5], rel=1e-5)
     for t in range(5, T):                                                     # then one at a time
         logits, cache = step(params, toks[:, t:t + 1], cache)
-        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
-    assert int(cache["index"]) == T and cache["k"].shape == (cfg.n_layers, B, T, cfg.kv_heads, cfg.head_size)
+        assert_close(logits[:, 0], full[:, t], rel=1e-5)
+    assert int(cache["index"]) == T and cache["k"].shape == (cfg.n_layers, B, T, cfg.n_kv_heads, cfg.head_dim)
 
 
 @pytest.mark.parametrize("pos", ["rope", "learned"])
@@ -257,6 +258,75 @@ def test_left_padded_rows_match_their_prompts_alone(pos):
     step_logits, _ = model.forward(params, nxt, cfg, cache=cache)
     alone_short, _ = model.forward(params, jnp.concatenate([short, nxt[:1]], axis=1), cfg)
     alone_long, _ = model.forward(params, jnp.concatenate([long, nxt[1:]], axis=1), cfg)
-    np.testing.assert_allclose(logits[0, 3:], alone_short[0, :4], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(step_logits[0, 0], alone_short[0, 4], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(step_logits[1, 0], alone_long[0, 7], rtol=1e-5, atol=1e-5)
+    assert_close(logits[0, 3:], alone_short[0, :4], rel=1e-5)
+    assert_close(step_logits[0, 0], alone_short[0, 4], rel=1e-5)
+    assert_close(step_logits[1, 0], alone_long[0, 7], rel=1e-5)
+
+
+# --- Extension points ----------------------------------------------------------------------------
+
+
+def test_a_misspelled_logical_axis_fails_in_one_line():
+    with pytest.raises(ValueError, match=r"unknown logical axis 'embd'; valid: .*embed") as err:
+        model.ParamSpec((2, 3), ("embd", None), "float32", jax.nn.initializers.zeros)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="do not match shape"):
+        model.ParamSpec((2, 3), ("embed",), "float32", jax.nn.initializers.zeros)
+
+
+def _doubled_dense(monkeypatch):
+    """Register a second FFN kind, a dense MLP whose output is doubled and which reports an
+    auxiliary loss, and a pattern alternating it with dense blocks: one registry entry."""
+    dense = model.FFN_KINDS["dense"]
+
+    def apply(p, x_ND, cfg):
+        y_ND, _ = dense.apply(p, x_ND, cfg)
+        return 2.0 * y_ND, {"double_aux": jnp.mean(jnp.square(y_ND))}
+    monkeypatch.setitem(model.FFN_KINDS, "double", model.FFNKind(
+        specs=dense.specs, apply=apply, matmul_params=dense.matmul_params, params_key="double_blocks"))
+    monkeypatch.setattr(model, "block_pattern", lambda cfg: ("dense", "double", "dense"))
+
+
+def _layer_by_layer(params, toks, cfg):
+    """The same model applied one layer at a time, in pattern order, without the scan."""
+    b, t = toks.shape
+    x_ND = model._embed(params, toks, cfg, jnp.arange(t))
+    taken, aux = {"dense": 0, "double": 0}, 0.0
+    for layer in range(cfg.n_layers):
+        kind = model.block_pattern(cfg)[layer % 3]
+        stack = params[model.FFN_KINDS[kind].params_key]
+        p = jax.tree.map(lambda w: w[taken[kind]], stack)
+        taken[kind] += 1
+        x_ND, _, losses = model.block(p, x_ND, cfg, kind, b, jnp.arange(t))
+        aux = aux + sum(losses.values())
+    x_ND = model.layers.norm(params["final_norm"], x_ND, cfg)
+    return model.layers.unembed(params["embed"].T, x_ND, cfg).reshape(b, t, -1), aux
+
+
+def test_mixed_block_pattern_scans_one_stack_per_kind(monkeypatch):
+    _doubled_dense(monkeypatch)
+    cfg = tiny(n_layers=6, n_kv_heads=2)
+    params = params_for(cfg)
+    assert params["blocks"]["mlp"]["w_in"].shape[0] == 4 and params["double_blocks"]["mlp"]["w_in"].shape[0] == 2
+    toks = tokens(cfg)
+    logits, aux = model.forward(params, toks, cfg)
+    expected, expected_aux = _layer_by_layer(params, toks, cfg)
+    assert_close(logits, expected, rel=1e-5)
+    assert float(aux["losses"]["double_aux"]) == pytest.approx(float(expected_aux), rel=1e-5)
+    loss, metrics = model.loss_fn(params, {"inputs": toks, "targets": tokens(cfg, 1)}, cfg)
+    assert float(loss) == pytest.approx(float(metrics["ce"] + metrics["double_aux"]), rel=1e-6)
+    assert model.count_params(cfg) == sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_mixed_block_pattern_decodes_through_the_cache(monkeypatch):
+    _doubled_dense(monkeypatch)
+    cfg = tiny(n_layers=6, n_kv_heads=2)
+    params, toks = params_for(cfg), tokens(cfg)
+    full, _ = model.forward(params, toks, cfg)
+    logits, aux = model.forward(params, toks[:, :5], cfg, cache=model.init_cache(cfg, B, T))
+    assert_close(logits, full[:, :5], rel=1e-5)
+    cache = aux["cache"]
+    for t in range(5, T):
+        logits, aux = model.forward(params, toks[:, t:t + 1], cfg, cache=cache)
+        cache = aux["cache"]
+        assert_close(logits[:, 0], full[:, t], rel=1e-5)

@@ -1,26 +1,25 @@
 """sample.py: the top-k / top-p filters over many draws, generation through the KV cache (greedy
 against a full recomputation, YaRN past the trained context, left-padded batches, seeds, one
 loop that streams), every one-line error, and the command line end to end on a checkpoint written
-by a tiny train.py run."""
+by a tiny train.py run (conftest's `tiny_run`)."""
 import dataclasses
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import checkpoint
 import data
 import model
 import sample
-import train
 from configs.base import ModelConfig
+from conftest import REPO
 from sample import Sampling
 
-REPO = Path(__file__).resolve().parent.parent
 GREEDY = Sampling(temperature=0.0)
 # GQA, and a vocabulary padded 61 -> 64. A wide embedding spreads the logits, so argmax is never a
 # near-tie that float rounding between the cached and the full pass could flip.
@@ -31,8 +30,6 @@ VARIANTS = {
     "mha-learned": dataclasses.replace(CFG, n_kv_heads=None, pos="learned"),
     "yarn-past-seq-len": dataclasses.replace(CFG, seq_len=12, yarn_factor=2.0),   # max_len 24
 }
-TINY_RUN = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.seq_len=32", "train.batch_size=4",
-            "data.val_tokens=256", "train.steps=3"]
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +130,6 @@ def test_streamer_decodes_utf8_across_tokens_and_stops_at_eot(capsys):
     assert capsys.readouterr().out == "\n"
 
 
-def test_weight_bytes_per_step_counts_what_a_decode_step_reads():
-    untied = dataclasses.replace(CFG, pos="learned", tie_embeddings=False)
-    params = model.init_params(untied, jax.random.key(0))
-    lookups = (untied.padded_vocab + untied.seq_len) * untied.d_model    # rows read, not the tables
-    assert sample.weight_bytes_per_step(params, untied) == 4 * (model.count_params(untied) - lookups)
-
-
 # --- Errors --------------------------------------------------------------------------------------
 
 RANDOM = ["--config", "configs/quickstart.py", "--random-init", "model.n_layers=1", "model.d_model=32",
@@ -152,7 +142,8 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("parameters loaded before the inputs were checked")
     monkeypatch.setattr(model, "init_params", refuse)
-    monkeypatch.setattr(train, "restore", refuse)
+    monkeypatch.setattr(checkpoint, "restore_params", refuse)
+    monkeypatch.setattr(checkpoint, "restore", refuse)
 
 
 def fails(argv, match):
@@ -172,6 +163,7 @@ def fails(argv, match):
     (["--top-p", "0"], r"--top-p 0.0 must be in \(0, 1\]"),
     (["--top-p", "1.2"], r"--top-p 1.2 must be in \(0, 1\]"),
     (["--top-k", "0"], "--top-k 0 must be >= 1"),
+    (["--top-k", "x"], "argument --top-k: invalid int value: 'x'"),
     (["--num-samples", "0"], "--num-samples 0 must be >= 1"),
     (["--step", "3"], "--step needs --run"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file /nonexistent/prompt.txt: no such file"),
@@ -180,42 +172,26 @@ def test_bad_inputs_fail_in_one_line_before_loading(no_loading, extra, match):
     fails(RANDOM + extra, match)
 
 
-def test_an_empty_prompt_file_and_a_missing_run_or_step_fail_in_one_line(tmp_path, trained_run, no_loading):
+def test_an_empty_prompt_file_and_a_missing_run_or_step_fail_in_one_line(tmp_path, tiny_run, no_loading):
     (tmp_path / "empty.txt").write_text("")
     fails(RANDOM + ["--prompt-file", str(tmp_path / "empty.txt")], "empty.txt is empty")
     fails(["--run", str(tmp_path / "nope")], "no train.py run there")
     (tmp_path / "fresh").mkdir()
-    (tmp_path / "fresh" / "config.json").write_text((trained_run / "config.json").read_text())
+    (tmp_path / "fresh" / "config.json").write_text((tiny_run / "config.json").read_text())
     fails(["--run", str(tmp_path / "fresh")], "no checkpoints yet")
-    fails(["--run", str(trained_run), "--step", "2"], "--step 2: .* has checkpoints at steps 3$")
+    fails(["--run", str(tiny_run), "--step", "2"], "--step 2: .* has checkpoints at steps 4, 8$")
 
 
 # --- End to end ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """Three steps of a tiny model by train.py, on a byte corpus made by data.prepare."""
-    root = tmp_path_factory.mktemp("run")
-    (root / "texts").mkdir()
-    for i in range(4):
-        (root / "texts" / f"doc{i}.txt").write_text("the model learns to predict the next token.\n" * 60)
-    data.prepare(str(root / "texts" / "*.txt"), "bytes", root / "shards", val_fraction=0.25, workers=1)
-    cmd = [sys.executable, "train.py", "--config", "configs/quickstart.py", *TINY_RUN,
-           f"data.path={root / 'shards'}", f"train.run_dir={root / 'run'}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return root / "run"
-
-
-def test_sample_py_streams_from_a_trained_checkpoint_end_to_end(trained_run, capsys):
-    args = ["--run", str(trained_run), "--prompt", "the model", "--max-new-tokens", "12", "--temperature", "0"]
+def test_sample_py_streams_from_a_trained_checkpoint_end_to_end(tiny_run, capsys):
+    args = ["--run", str(tiny_run), "--prompt", "the model", "--max-new-tokens", "12", "--temperature", "0"]
     proc = subprocess.run([sys.executable, "sample.py", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr
     streamed = proc.stdout
     assert streamed.startswith("the model") and streamed.endswith("\n")
     # Two samples at once are not streamed; greedy, each is the streamed one.
-    sample.main(args + ["--num-samples", "2", "--step", "3"])
+    sample.main(args + ["--num-samples", "2", "--step", "8"])
     assert capsys.readouterr().out == streamed + "---\n" + streamed

@@ -5,19 +5,18 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 import model
 import sharding
-from configs.base import ConfigError, MeshConfig, ModelConfig, load_config
+from configs.base import ConfigError, MeshConfig, ModelConfig
+from configs.load import load_config
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = ["--config", "configs/quickstart.py", "model.n_layers=2", "model.d_model=32", "model.n_heads=2",
-        "model.seq_len=32", "train.batch_size=8", "data.val_tokens=256", "train.log_every=1",
-        "train.eval_every=6", "train.steps=6", "train.ckpt_every=100"]
+from conftest import REPO, records, run_train
+
+# The tiny model of conftest.TINY, batch 8 so that it splits over 4 devices.
+SIX_STEPS = ["train.batch_size=8", "eval.every=6", "train.steps=6", "train.ckpt_every=100"]
 FSDP4 = ["mesh.strategy=fsdp", "mesh.data=1", "mesh.fsdp=4"]
 RTOL = 1e-5   # relative: only the order of float reductions differs across layouts
 
@@ -27,16 +26,13 @@ def env(devices: int) -> dict:
 
 
 def train(corpus, run_dir, *args, devices=1, check=True):
-    cmd = [sys.executable, "train.py", *TINY, f"data.path={corpus}", f"train.run_dir={run_dir}", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(devices), capture_output=True, text=True, timeout=300)
-    if check and proc.returncode:
-        raise AssertionError(f"train.py failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return run_train(corpus, run_dir, *SIX_STEPS, *args, devices=devices, check=check)
 
 
 def launch_local(corpus, run_dir, processes, devices, *args):
-    cmd = ["bash", "scripts/launch_local.sh", str(processes), str(devices), *TINY, f"data.path={corpus}",
-           f"train.run_dir={run_dir}", *args]
+    from conftest import TINY
+    cmd = ["bash", "scripts/launch_local.sh", str(processes), str(devices), "--config", "configs/quickstart.py",
+           *TINY, *SIX_STEPS, f"data.path={corpus}", f"train.run_dir={run_dir}", *args]
     proc = subprocess.run(cmd, cwd=REPO, env={**env(devices), "PYTHON": sys.executable},
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
@@ -44,23 +40,13 @@ def launch_local(corpus, run_dir, processes, devices, *args):
 
 
 def losses(run_dir) -> dict:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+    return {record["step"]: record["loss"] for record in records(run_dir)}
 
 
 def assert_same_losses(a: dict, b: dict, steps):
-    np.testing.assert_allclose([a[s] for s in steps], [b[s] for s in steps], rtol=RTOL)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "texts").mkdir()
-    for i in range(4):
-        (root / "texts" / f"{i}.txt").write_text(f"file {i}: " + "the quick brown fox jumps. " * 400)
-    import data
-    data.prepare(str(root / "texts" / "*.txt"), "bytes", root / "shards", val_fraction=0.25, workers=1)
-    return root / "shards"
+    """Whole-run losses within RTOL of each other, relative to the loss (a scalar per step)."""
+    for step in steps:
+        assert abs(a[step] - b[step]) <= RTOL * abs(b[step]), f"step {step}: {a[step]} vs {b[step]}"
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +81,7 @@ def test_sharding_table_under_four_way_fsdp(four_device_fsdp):
     wqkv = rows["['blocks']['attn']['wqkv']"]       # 2 x 32 x 2 x 3 x 16 float32, split over fsdp
     assert wqkv[2] == "(None," and wqkv[3] == "'fsdp',"
     assert int(wqkv[-1].replace(",", "")) == 2 * 32 * 2 * 3 * 16 * 4 // 4
-    assert "mesh data=1 x fsdp=4 x tensor=1, strategy fsdp" in proc.stdout
+    assert "mesh data=1 x fsdp=4 x tensor=1 x expert=1, strategy fsdp" in proc.stdout
     assert "params per device" in proc.stdout and "opt_state per device" in proc.stdout
 
 
@@ -137,8 +123,20 @@ def test_a_mesh_axis_used_twice_is_rejected():
 def test_mesh_must_match_the_devices():
     with pytest.raises(sharding.ShardingError) as err:
         sharding.make_mesh(MeshConfig(data=2, fsdp=1))
-    assert str(err.value) == ("mesh data=2 x fsdp=1 x tensor=1 does not match the 1 devices; set mesh.data, "
-                              "mesh.fsdp and mesh.tensor so their product is 1 (one may be -1)")
+    assert str(err.value) == ("mesh data=2 x fsdp=1 x tensor=1 x expert=1 does not match the 1 devices; set "
+                              "mesh.data, mesh.fsdp, mesh.tensor, mesh.expert so their product is 1 (one may be -1)")
+
+
+@pytest.mark.parametrize("rules, message", [
+    ({"fsdp": {"embd": "fsdp"}}, "maps 'embd' -> 'fsdp'; logical axes: "),
+    ({"fsdp": {"embed": "fsd"}}, "maps 'embed' -> 'fsd'; logical axes: "),
+])
+def test_a_misspelled_rule_fails_in_one_line(rules, message):
+    with pytest.raises(sharding.ShardingError, match=message) as err:
+        sharding.check_rules({**sharding.RULES, **rules})
+    assert "\n" not in str(err.value)
+    with pytest.raises(sharding.ShardingError, match="lists"):
+        sharding.check_rules({**sharding.RULES, "zero3": {}})
 
 
 def test_errors_before_compiling(corpus, tmp_path):

@@ -1,8 +1,13 @@
-"""train.py: the optimizer groups and schedules, the step, and whole runs in subprocesses
-(bit-exact resume, SIGTERM, the non-finite guard, shape mismatch, logs and checkpoints)."""
+"""train.py, optimizer.py and checkpoint.py: the optimizer groups and schedules, the step,
+restoring checkpoints (the full state, the parameters alone), and whole runs in subprocesses
+(bit-exact resume, SIGTERM, the non-finite guard, shape mismatch, logs and checkpoints).
+
+Runs that only read a finished run share conftest's `tiny_run`; a test that must write to a run
+with checkpoints works on a copy of it."""
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,51 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import checkpoint
 import data
 import model
+import optimizer
 import sharding
 import train
-from configs.base import (Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, apply_overrides,
-                          config_from_dict)
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.seq_len=32",
-        "train.batch_size=4", "data.val_tokens=256", "train.log_every=1", "train.eval_every=4"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A real byte-level corpus made by `data.prepare` from text files."""
-    root = tmp_path_factory.mktemp("corpus")
-    texts = root / "texts"
-    texts.mkdir()
-    rng = np.random.default_rng(0)
-    words = ["the", "model", "learns", "to", "predict", "next", "token", "from", "text", "data"]
-    for i in range(6):
-        sentences = [" ".join(rng.choice(words, 8)) + "." for _ in range(300)]
-        (texts / f"doc{i}.txt").write_text("\n".join(sentences))
-    data.prepare(str(texts / "*.txt"), "bytes", root / "shards", val_fraction=0.2, workers=1)
-    return root / "shards"
-
+from configs.base import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from configs.load import apply_overrides, config_from_dict
+from conftest import REPO, TINY, records, run_train
 
 def tiny_config(corpus, *overrides) -> Config:
     cfg = Config(name="tiny", model=ModelConfig(vocab_size=257), data=DataConfig(path=str(corpus)),
                  optim=OptimConfig(lr=3e-3), train=TrainConfig(steps=10))
     return apply_overrides(cfg, [*TINY, *overrides])
-
-
-def run_train(corpus, run_dir, *overrides, config="configs/quickstart.py", extra=(), check=True):
-    cmd = [sys.executable, "train.py", "--config", config, *extra, *TINY, f"data.path={corpus}",
-           f"train.run_dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    if check and proc.returncode:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def saved_steps(run_dir):
@@ -68,18 +42,40 @@ def run_config(run_dir) -> Config:
     return config_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
 
 
-def restored_params(run_dir):
+def restored_state(run_dir, step=None) -> dict:
+    """The full state of a run's checkpoint (the latest by default), restored as train.py resumes."""
     cfg = run_config(run_dir)
-    tx, _ = train.make_optimizer(cfg)
+    tx, _ = optimizer.make_optimizer(cfg)
     abstract = train.abstract_state(cfg, tx)
-    with train.checkpoint_manager(Path(run_dir) / "checkpoints", keep=3) as manager:
-        return train.restore(manager, manager.latest_step(), abstract)["params"]
+    with checkpoint.checkpoint_manager(Path(run_dir) / "checkpoints", keep=3) as manager:
+        return checkpoint.restore(manager, step or manager.latest_step(), abstract)
+
+
+def restored_params(run_dir):
+    return restored_state(run_dir)["params"]
+
+
+def copy_run(run_dir, to) -> Path:
+    """A writable copy of a finished run (checkpoints, logs and config)."""
+    shutil.copytree(run_dir, to)
+    return Path(to)
 
 
 def step_fn(cfg):
-    tx, schedule = train.make_optimizer(cfg)
-    fn = jax.jit(lambda s, b: train.train_step(s, b, cfg, tx, schedule))
+    tx, schedule = optimizer.make_optimizer(cfg)
+    fn = jax.jit(lambda state, batch: train.train_step(state, batch, cfg, tx, schedule))
     return train.init_state(cfg, tx), fn
+
+
+def assert_close(actual, expected, tol: float) -> None:
+    """Per tensor, ||actual - expected|| <= tol x ||expected||: a tolerance scaled to the tensor,
+    which float summation order (SIMD width, thread count) cannot break the way one element
+    against an absolute atol can."""
+    def check(path, a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        error, scale = np.linalg.norm(a - b), np.linalg.norm(b)
+        assert error <= tol * scale, f"{jax.tree_util.keystr(path)}: ||a - b|| = {error:.3g} > {tol} x {scale:.3g}"
+    jax.tree_util.tree_map_with_path(check, actual, expected)
 
 
 # --- Optimizer and step --------------------------------------------------------------------------
@@ -91,11 +87,11 @@ def step_fn(cfg):
     ["model.norm_scale=false"]])
 def test_every_parameter_has_exactly_one_group(corpus, overrides):
     cfg = tiny_config(corpus, *overrides)
-    groups = train.param_groups(cfg)
+    groups = optimizer.param_groups(cfg)
     params = model.init_params(cfg.model, jax.random.key(0))
     assert jax.tree.structure(groups) == jax.tree.structure(params)
     flat = {jax.tree_util.keystr(p): g for p, g in jax.tree_util.tree_flatten_with_path(groups)[0]}
-    assert set(flat.values()) <= set(train.GROUPS)
+    assert set(flat.values()) <= set(optimizer.GROUPS)
     hidden = {k for k, g in flat.items() if g == "hidden"}
     assert hidden == {"['blocks']['attn']['wqkv']", "['blocks']['attn']['wo']",
                       "['blocks']['mlp']['w_in']", "['blocks']['mlp']['w_out']"}
@@ -105,7 +101,7 @@ def test_every_parameter_has_exactly_one_group(corpus, overrides):
 
 def test_weight_decay_skips_gains_and_biases(corpus):
     cfg = tiny_config(corpus, "optim.weight_decay=0.5", "optim.clip_norm=none", "model.attn_bias=true")
-    tx, _ = train.make_optimizer(cfg)
+    tx, _ = optimizer.make_optimizer(cfg)
     params = model.init_params(cfg.model, jax.random.key(0))
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params)
@@ -122,8 +118,8 @@ def test_weight_decay_skips_gains_and_biases(corpus):
     ("wsd", {3: 1.0, 7: 1.0, 8: 1.0, 9: 0.7, 11: 0.1}),
 ])
 def test_schedule_values(schedule, expected):
-    o = OptimConfig(schedule=schedule, warmup_steps=4, min_lr_ratio=0.1, decay_fraction=0.25)
-    fn = train.lr_schedule(o, steps=12, peak=2.0)
+    optim = OptimConfig(schedule=schedule, warmup_steps=4, min_lr_ratio=0.1, decay_fraction=0.25)
+    fn = optimizer.lr_schedule(optim, steps=12, peak=2.0)
     for step, ratio in expected.items():
         assert float(fn(step)) == pytest.approx(2.0 * ratio, rel=1e-5), (schedule, step)
 
@@ -146,7 +142,7 @@ def test_accumulation_equals_one_larger_batch(corpus):
         results.append((state["params"], float(metrics["loss"]), float(metrics["grad_norm"])))
     (p1, l1, g1), (p4, l4, g4) = results
     assert l1 == pytest.approx(l4, rel=1e-5) and g1 == pytest.approx(g4, rel=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p4)
+    assert_close(p4, p1, tol=1e-4)      # seen: <= 1e-6 (summation order)
 
 
 @pytest.mark.parametrize("name, lr", [("adamw", 3e-3), ("muon", 0.02)])
@@ -165,7 +161,7 @@ def test_adamw_and_muon_train_a_tiny_model(corpus, name, lr):
 def test_muon_orthogonalizes_each_layer_of_the_stacked_matrices(corpus):
     cfg = tiny_config(corpus, "optim.name=muon", "optim.lr=1.0", "optim.weight_decay=0",
                       "optim.clip_norm=none", "optim.muon_momentum=0", "optim.schedule=constant")
-    tx, _ = train.make_optimizer(cfg)
+    tx, _ = optimizer.make_optimizer(cfg)
     params = model.init_params(cfg.model, jax.random.key(0))
     grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape), params)
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -174,37 +170,68 @@ def test_muon_orthogonalizes_each_layer_of_the_stacked_matrices(corpus):
     assert singular.max() / singular.min() < 1.6       # Newton-Schulz: near-equal singular values
 
 
+# --- Checkpoints ---------------------------------------------------------------------------------
+
+
+def test_restore_params_gives_the_full_restores_parameters_without_an_optimizer(tiny_run, monkeypatch):
+    full = restored_state(tiny_run, step=4)
+    cfg, directory, step = checkpoint.find_checkpoint(str(tiny_run), 4)
+    assert (directory, step) == (tiny_run / "checkpoints", 4)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an optimizer or a train state was built to restore the parameters")
+    monkeypatch.setattr(optimizer, "make_optimizer", refuse)
+    monkeypatch.setattr(train, "init_state", refuse)
+    params = checkpoint.restore_params(cfg, directory, step)
+    jax.tree.map(np.testing.assert_array_equal, params, full["params"])
+    # Placed where the given shardings say, with the same values.
+    mesh = sharding.make_mesh(cfg.mesh)
+    shardings = sharding.param_shardings(cfg.model, cfg.mesh.strategy, mesh)
+    placed = checkpoint.restore_params(cfg, directory, step, shardings)
+    for leaf, where in zip(jax.tree.leaves(placed), jax.tree.leaves(shardings)):
+        assert leaf.sharding.is_equivalent_to(where, leaf.ndim), (leaf.sharding, where)
+    jax.tree.map(np.testing.assert_array_equal, placed, full["params"])
+
+
+def test_find_checkpoint_names_the_run_or_step_at_fault(tiny_run, tmp_path):
+    assert checkpoint.find_checkpoint(str(tiny_run), None)[2] == 8
+    with pytest.raises(ConfigError, match="no train.py run there"):
+        checkpoint.find_checkpoint(str(tmp_path), None)
+    with pytest.raises(ConfigError, match=r"^--step 5: .* has checkpoints at steps 4, 8$"):
+        checkpoint.find_checkpoint(str(tiny_run), 5)
+
+
 # --- Whole runs ----------------------------------------------------------------------------------
 
 
-def test_end_to_end_run_leaves_logs_and_a_restorable_checkpoint(corpus, tmp_path):
-    run = tmp_path / "run"
-    proc = run_train(corpus, run, "train.steps=8", "train.ckpt_every=4")
-    assert "step 8/8" in proc.stdout and "done: 8 steps" in proc.stdout
-    recs = records(run)
+def test_a_finished_run_leaves_logs_and_restorable_checkpoints(tiny_run):
+    recs = records(tiny_run)
     assert [r["step"] for r in recs] == list(range(1, 9))
     assert {"loss", "lr", "grad_norm", "update_norm", "tokens", "tokens_per_s", "step_time"} <= set(recs[0])
     assert "val_loss" in recs[3] and "val_bpb" in recs[7] and "val_loss" not in recs[4]
     assert recs[-1]["loss"] < recs[0]["loss"]
-    assert list((run / "tb").glob("events.out.tfevents.*"))
-    assert saved_steps(run) == [4, 8]
-    cfg = run_config(run)
+    assert list((tiny_run / "tb").glob("events.out.tfevents.*"))
+    assert saved_steps(tiny_run) == [4, 8]
+    cfg = run_config(tiny_run)
     assert cfg.train.steps == 8 and cfg.model.d_model == 32 and cfg.name == "quickstart"
-    params = restored_params(run)
-    assert params["blocks"]["attn"]["wqkv"].shape == (2, 32, 2, 3, 16)
+    state = restored_state(tiny_run)
+    assert int(state["meta"]["step"]) == 8
+    assert state["params"]["blocks"]["attn"]["wqkv"].shape == (2, 32, 2, 3, 16)
 
 
-def test_resume_is_bit_exact(corpus, tmp_path):
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    args = ("train.steps=8", "train.ckpt_every=100")
-    run_train(corpus, whole, *args)
+def test_resume_is_bit_exact(corpus, tiny_run, tmp_path):
+    """tiny_run trained 8 steps in one go; this run stops after 4 and resumes."""
+    split = tmp_path / "split"
+    args = ("train.steps=8", "train.ckpt_every=4")
     first = run_train(corpus, split, *args, extra=["--stop-after", "4"])
     assert "stopped after step 4" in first.stdout and saved_steps(split) == [4]
     second = run_train(corpus, split, *args)
     assert "resuming from step 4" in second.stdout
-    assert records(whole) == [{**a, **{k: b[k] for k in ("tokens_per_s", "step_time")}}
-                              for a, b in zip(records(split), records(whole))]
-    jax.tree.map(np.testing.assert_array_equal, restored_params(whole), restored_params(split))
+    assert "step 8/8" in second.stdout and "done: 8 steps" in second.stdout
+    whole = records(tiny_run)
+    assert whole == [{**a, **{k: b[k] for k in ("tokens_per_s", "step_time")}}
+                     for a, b in zip(records(split), whole)]
+    jax.tree.map(np.testing.assert_array_equal, restored_params(tiny_run), restored_params(split))
 
 
 def test_sigterm_saves_then_resumes(corpus, tmp_path):
@@ -226,9 +253,8 @@ def test_sigterm_saves_then_resumes(corpus, tmp_path):
     assert f"resuming from step {stopped}" in resumed.stdout and saved_steps(run)[-1] == stopped + 2
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
-    run = tmp_path / "run"
-    run_train(corpus, run, "train.steps=2", "train.ckpt_every=1")
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
     proc = run_train(corpus, run, "train.steps=30", "train.ckpt_every=1", "optim.lr=1e30",
                      "optim.schedule=constant", check=False)
     assert proc.returncode != 0
@@ -239,39 +265,35 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
     assert f"the last good checkpoint is step {max(saved_steps(run))}" in message
 
 
-def test_checkpoint_of_another_shape_fails_in_one_line(corpus, tmp_path):
-    run = tmp_path / "run"
-    run_train(corpus, run, "train.steps=2")
+def test_checkpoint_of_another_shape_fails_in_one_line(corpus, tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
-    proc = run_train(corpus, run, "train.steps=4", "model.d_model=64", check=False)
+    proc = run_train(corpus, run, "train.steps=12", "model.d_model=64", check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: checkpoint step 2 in {run / 'checkpoints'}: parameter ['blocks']['attn']['wo'] has "
+        f"error: checkpoint step 8 in {run / 'checkpoints'}: parameter ['blocks']['attn']['wo'] has "
         f"shape (2, 2, 16, 32) but the config gives (2, 2, 32, 64); use another train.run_dir or the "
         f"config that wrote it (nothing was deleted)")
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     assert json.loads((run / "config.json").read_text())["model"]["d_model"] == 32
 
 
-def test_init_from_takes_parameters_only(corpus, tmp_path):
-    source = tmp_path / "source"
-    run_train(corpus, source, "train.steps=3")
-    cfg = dataclasses.replace(run_config(source), optim=OptimConfig(name="muon", lr=0.01))
-    tx, _ = train.make_optimizer(cfg)
+def test_init_from_takes_parameters_only(tiny_run, tmp_path):
+    cfg = dataclasses.replace(run_config(tiny_run), optim=OptimConfig(name="muon", lr=0.01))
+    tx, _ = optimizer.make_optimizer(cfg)
     _, shardings = train.state_layout(cfg, tx, sharding.make_mesh(cfg.mesh))
-    with train.checkpoint_manager(tmp_path / "fresh", keep=1) as manager:
-        state = train.initial_state(cfg, tx, manager, str(source), shardings)
+    with checkpoint.checkpoint_manager(tmp_path / "fresh", keep=1) as manager:
+        state = train.initial_state(cfg, tx, manager, str(tiny_run), shardings)
     assert int(state["step"]) == 0
-    jax.tree.map(np.testing.assert_array_equal, state["params"], restored_params(source))
+    jax.tree.map(np.testing.assert_array_equal, state["params"], restored_params(tiny_run))
 
 
-def test_resume_with_another_optimizer_fails_in_one_line(corpus, tmp_path):
-    run = tmp_path / "run"
-    run_train(corpus, run, "train.steps=2")
-    proc = run_train(corpus, run, "train.steps=4", "optim.clip_norm=none", check=False)
+def test_resume_with_another_optimizer_fails_in_one_line(corpus, tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    proc = run_train(corpus, run, "train.steps=12", "optim.clip_norm=none", check=False)
     assert proc.returncode == 1
     assert "its optimizer state does not fit this config's optim settings" in proc.stderr.strip().splitlines()[-1]
-    assert saved_steps(run) == [2]
+    assert saved_steps(run) == [4, 8]
 
 
 def test_bad_command_lines(corpus, tmp_path):
@@ -281,3 +303,6 @@ def test_bad_command_lines(corpus, tmp_path):
     assert "error: --stop-after=0 must be a positive number of steps" in proc.stderr
     proc = run_train(corpus, tmp_path / "r", extra=["--init-from", str(tmp_path / "none")], check=False)
     assert proc.returncode == 1 and "--init-from" in proc.stderr and "no checkpoint found" in proc.stderr
+    proc = run_train(corpus, tmp_path / "r", extra=["--stop-after", "x"], check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: argument --stop-after: invalid int value: 'x'"]

@@ -46,7 +46,7 @@ def _norm_specs(cfg, shape):
 
 
 def _block_specs(cfg):
-    L, D, H, K, E, Fh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.ff_size
+    L, D, H, K, E, Fh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
     G = H // K
     out_scale = 0.0 if cfg.zero_init_out else (1 / math.sqrt(2 * L) if cfg.residual_scale else 1.0)
     hidden = lambda fan_in, fan_out, scale=1.0: _matrix_init(cfg.init, cfg.init_std, fan_in, fan_out, scale)
@@ -147,7 +147,7 @@ def apply_rope(x, cos, sin):
 
 def attention(p, x_ND, rope, batch, cfg):
     """Fused QKV, optional QK-norm, RoPE, causal GQA attention (SDPA), output projection."""
-    k, e, d = cfg.kv_heads, cfg.head_size, cfg.d_model
+    k, e, d = cfg.n_kv_heads, cfg.head_dim, cfg.d_model
     g = cfg.n_heads // k
     dtype = x_ND.dtype
     qkv = x_ND @ p["wqkv"].to(dtype).reshape(d, -1)
@@ -167,9 +167,8 @@ def attention(p, x_ND, rope, batch, cfg):
     return y + p["bo"].to(dtype) if "bo" in p else y
 
 
-ACTIVATIONS = {
-    "swiglu": F.silu,
-    "geglu": F.gelu,
+ACTIVATIONS = {   # keyed as layers.ACTIVATIONS; the config's MLP kind names one and its gating
+    "silu": F.silu,
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu2": lambda x: torch.square(F.relu(x)),
@@ -182,9 +181,9 @@ def mlp(p, x_ND, cfg):
     h = x_ND @ p["w_in"].to(dtype).reshape(cfg.d_model, -1)
     if "b_in" in p:
         h = h + p["b_in"].to(dtype).reshape(-1)
-    act = ACTIVATIONS[cfg.mlp]
+    act = ACTIVATIONS[cfg.activation]
     if cfg.gated:
-        gate, up = h.view(-1, 2, cfg.ff_size).unbind(1)
+        gate, up = h.view(-1, 2, cfg.d_ff).unbind(1)
         h = act(gate) * up
     else:
         h = act(h)

@@ -1,0 +1,119 @@
+"""Loading configs: presets, `section.field=value` overrides, and the dict form saved as a run's
+config.json. Every error is one line naming the key at fault (a close match is suggested)."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import sys
+import types
+import typing
+from pathlib import Path
+
+from configs.base import REPO_ROOT, Config, _fail, _type_name
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name != "name"}
+
+
+# --- Overrides and (de)serialization -------------------------------------------------------------
+
+
+def _closest(word: str, options) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid: {', '.join(sorted(options))}"
+
+
+def _section_hints(section: str) -> dict:
+    if section not in SECTIONS:
+        _fail(f"unknown config section {section!r}{_closest(section, SECTIONS)}")
+    return typing.get_type_hints(typing.get_type_hints(Config)[section])
+
+
+def _parse_value(text: str, hint, key: str):
+    """Parse an override's text to the field's annotated type."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if type(None) in args and text.lower() in ("none", "null"):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if hint is int:
+            number = float(text.replace("_", ""))
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if hint is float:
+            return float(text)
+        if typing.get_origin(hint) is tuple:
+            item = typing.get_args(hint)[0]
+            return tuple(_parse_value(t.strip(), item, key) for t in text.split(",") if t.strip())
+    except ValueError:
+        _fail(f"override {key}={text!r}: expected {_type_name(hint)}")
+    return text
+
+
+def apply_overrides(config: Config, overrides) -> Config:
+    """Apply `section.field=value` strings, each parsed to the field's type."""
+    changes: dict[str, dict] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            _fail(f"override {item!r} is not of the form section.field=value (e.g. model.n_layers=4)")
+        hints = _section_hints(section)
+        if name not in hints:
+            _fail(f"unknown key {key!r}{_closest(name, hints)}")
+        changes.setdefault(section, {})[name] = _parse_value(text.strip(), hints[name], key)
+    return dataclasses.replace(config, **{
+        section: dataclasses.replace(getattr(config, section), **fields)
+        for section, fields in changes.items()})
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Inverse of config_to_dict (e.g. a run's config.json); unknown keys fail with a suggestion."""
+    sections = {}
+    for section, values in d.items():
+        if section == "name":
+            continue
+        hints = _section_hints(section)
+        for name in values:
+            if name not in hints:
+                _fail(f"unknown key '{section}.{name}'{_closest(name, hints)}")
+        cls = typing.get_type_hints(Config)[section]
+        sections[section] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    return Config(name=d.get("name", ""), **sections)
+
+
+def preset_names() -> tuple[str, ...]:
+    """The presets shipped in configs/ (every file but base.py), by name."""
+    return tuple(sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py") if p.stem not in ("base", "__init__")))
+
+
+def preset_path(name: str) -> Path:
+    return REPO_ROOT / "configs" / f"{name}.py"
+
+
+def load_config(path, overrides=()) -> Config:
+    """Execute the preset file at `path`, take its `config`, and apply the overrides."""
+    path = Path(path)
+    if not path.is_file():
+        _fail(f"config file {str(path)!r} does not exist; presets live in {REPO_ROOT / 'configs'}")
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = getattr(module, "config", None)
+    if not isinstance(config, Config):
+        _fail(f"config file {str(path)!r} must define a module-level `config = Config(...)`")
+    if not config.name:
+        config = dataclasses.replace(config, name=path.stem)
+    return apply_overrides(config, overrides)

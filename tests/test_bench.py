@@ -1,0 +1,106 @@
+"""Smoke tests of bench.py: every subcommand runs end to end on a tiny model or shard and prints
+its table, and --json holds its rows. Speed is never asserted, only the tables' structure."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import bench
+from benchmarks import common, train_step
+from conftest import REPO
+
+TINY = ["--config", "configs/quickstart.py", "model.n_layers=1", "model.d_model=32", "model.n_heads=2"]
+CANNED = {"cpu": "a test CPU", "isa": ["avx2"], "cores": 2, "python": "3.11", "gpu": False, "peak": 1e11,
+          "frameworks": {"jax": {"version": "0", "gpu": False, "device": "cpu", "peak": 1e11}}}
+
+
+@pytest.fixture
+def canned_hardware(monkeypatch):
+    """A fixed hardware description: measuring the matmul peaks takes seconds per framework, and
+    test_train_runs_both_frameworks measures them for real."""
+    monkeypatch.setattr(common, "hardware", lambda frameworks=(): CANNED)
+
+
+def run_bench(args, tmp_path, capsys) -> tuple[str, list[dict]]:
+    """bench.main in this process: (what it printed, the rows it wrote with --json)."""
+    rows = tmp_path / "rows.json"
+    bench.main([*args, "--json", str(rows)])
+    return capsys.readouterr().out, json.loads(rows.read_text())
+
+
+def table_lines(out: str, first_header: str) -> list[str]:
+    """The table that starts with the header row whose first column is `first_header`."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(first_header + " "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+    return lines[start:end]
+
+
+def test_train_runs_both_frameworks(tmp_path, capsys):
+    out, rows = run_bench(["train", *TINY, "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0",
+                           "--modes", "jit,eager", "--default-malloc"], tmp_path, capsys)
+    peaks = [line.split()[0] for line in out.splitlines() if " matmul peak " in line]
+    assert peaks == ["jax", "torch"]
+    table = table_lines(out, "framework")
+    assert table[0].split() == ["framework", "mode", "ms/step", "tokens/s", "MFU", "peak", "mem", "compile", "s"]
+    assert [line.split()[:2] for line in table[1:3]] == [["jax", "jit"], ["torch", "eager"]]
+    assert "JAX/PyTorch throughput:" in out and "cores busy during this run" in out
+    assert [(r["framework"], r["mode"]) for r in rows] == [("jax", "jit"), ("torch", "eager")]
+    assert all(r["ms_per_step"] > 0 and r["peak_mem_bytes"] > 0 and "error" not in r for r in rows)
+
+
+def test_train_layouts_run_jax_per_attention_backend(tmp_path, capsys, canned_hardware, monkeypatch):
+    # The JAX step itself is measured by the test above; here only which runs are made and the table.
+    monkeypatch.setattr(common, "in_worker", lambda fn, *args: fn(*args))
+    monkeypatch.setattr(train_step, "measure_jax", lambda *args: {"seconds": 0.1, "compile_s": 1.0,
+                                                                  "peak_mem_bytes": 2**20})
+    out, rows = run_bench(["train", *TINY, "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0",
+                           "--layouts", "--default-malloc"], tmp_path, capsys)
+    table = table_lines(out, "config")
+    assert table[0].split() == ["config", "attn_impl", "tokens", "ms/step", "tokens/s", "MFU"]
+    assert [line.split()[:2] for line in table[1:]] == [["quickstart", "xla"], ["quickstart", "einsum"]]
+    assert {r["framework"] for r in rows} == {"jax"} and "error" not in rows[0]
+
+
+def test_loader_compares_with_raw_slicing(tmp_path, capsys):
+    out, rows = run_bench(["loader", "--steps", "3", "--cold-steps", "2", "--repeats", "1", "--batch", "4",
+                           "--seq", "32", "--shard-tokens", "20000"], tmp_path, capsys)
+    table = table_lines(out, "page")
+    assert table[0].startswith("page cache") and "loader / raw" in table[0]
+    assert [line.split()[0] for line in table[1:]] == ["cold", "warm"]
+    assert all(r["raw_tokens_per_s"] > 0 and r["loader_tokens_per_s"] > 0 for r in rows)
+
+
+def test_decode_rows_per_batch(tmp_path, capsys, canned_hardware):
+    out, rows = run_bench(["decode", *TINY, "--batches", "1,2", "--prompt", "8", "--new", "3", "--repeats", "1"],
+                          tmp_path, capsys)
+    table = table_lines(out, "preset")
+    assert "decode tok/s" in table[0] and "bound tok/s" in table[0]
+    assert [line.split()[:2] for line in table[1:]] == [["quickstart", "float32"]] * 2
+    assert [r["batch"] for r in rows] == [1, 2] and all(r["decode_tokens_per_s"] > 0 for r in rows)
+
+
+def test_mesh_compares_strategies(tmp_path, capsys, canned_hardware):
+    out, rows = run_bench(["mesh", *TINY, "--batch", "4", "--seq", "16", "--steps", "1", "--warmup", "0",
+                           "--default-malloc"], tmp_path, capsys)
+    table = table_lines(out, "strategy")
+    assert [line.split()[0] for line in table[1:]] == ["dp", "fsdp"]
+    assert [r["strategy"] for r in rows] == ["dp", "fsdp"]
+    assert rows[1]["params_bytes_per_device"] < rows[0]["params_bytes_per_device"]
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "the following arguments are required"),
+    (["train"], "give --config configs/NAME.py, --suite or --layouts"),
+    (["train", "--suite", "--batch", "2"], "--batch and --seq go with --config"),
+    (["train", "--config", "configs/quickstart.py", "--modes", "jit,fast"], "comma-separated subset"),
+    (["train", "--config", "configs/quickstart.py", "model.n_layer=2"], "unknown key 'model.n_layer'"),
+    (["train", "--config", "configs/quickstart.py", "optim.name=muon"], "the PyTorch twin has AdamW only"),
+    (["decode", "--new", "1"], "--new must be at least 2"),
+    (["loader", "--steps", "0"], "must be a positive integer"),
+])
+def test_errors_are_one_line(args, message):
+    proc = subprocess.run([sys.executable, "bench.py", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and message in proc.stderr
