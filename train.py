@@ -32,6 +32,7 @@ import cli
 import data
 import model
 import optimizer
+import plot
 import sharding
 from configs.base import Config, ConfigError
 from configs.load import config_to_dict, load_config
@@ -323,6 +324,7 @@ class Trainer:
             if done % train_cfg.ckpt_every == 0 or done == end or stop.name:
                 self.flush()
                 checkpoint.save(self.manager, self.state, self.cfg)
+                draw_curves(self.dir)
             if stop.name:
                 break
         self.flush()
@@ -337,6 +339,13 @@ class Trainer:
             say(f"stopped after step {done} (--stop-after): checkpoint saved to {where}")
         else:
             say(f"done: {train_cfg.steps} steps; checkpoints in {where}, logs in {self.dir}")
+
+
+def draw_curves(directory: Path) -> None:
+    """loss.png in the run directory, redrawn at each checkpoint: a picture of the run without
+    tensorboard (process 0 only; nothing to draw before the first logged step)."""
+    if jax.process_index() == 0 and (directory / "metrics.jsonl").is_file():
+        plot.plot_runs([directory], directory / "loss.png", title=directory.name)
 
 
 def main(argv=None) -> None:

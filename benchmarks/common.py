@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MALLOC_REUSE = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 # The instruction-set extensions that decide matmul speed (x86 flags, then Arm features).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "asimd", "sve", "sve2")
+PEAK_REPS = 10   # timed matmuls behind each framework's peak
 
 
 # --- Timing and memory ---------------------------------------------------------------------------
@@ -119,7 +120,7 @@ def cpu_info() -> dict:
             "isa": [flag for flag in ISA_FLAGS if flag in flags], "cores": os.cpu_count()}
 
 
-def matmul_peak(framework: str, gpu: bool, reps: int = 10) -> float:
+def matmul_peak(framework: str, gpu: bool, reps: int = PEAK_REPS) -> float:
     """FLOP/s of a large square matmul: fp32 (sgemm) on a CPU, bf16 on a GPU."""
     n = 8192 if gpu else 2048
     if framework == "jax":
@@ -174,7 +175,7 @@ def header(command: str, hw: dict, extra: str = "") -> str:
              f"({' '.join(hw['isa']) or 'no vector extensions listed'}) · python {hw['python']}"]
     for name, f in hw["frameworks"].items():
         kind = "bf16 8192^3" if f["gpu"] else "fp32 2048^3"
-        lines.append(f"{name} {f['version']} on {f['device']}: matmul peak ({kind}, median of 10) "
+        lines.append(f"{name} {f['version']} on {f['device']}: matmul peak ({kind}, median of {PEAK_REPS}) "
                      f"{f['peak'] / 1e9:,.0f} GFLOP/s")
     return "\n".join(lines + ([extra] if extra else []))
 
