@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import json
 import math
+import shutil
 import signal
 import statistics
 import subprocess
@@ -23,7 +25,7 @@ import cli
 import model
 import plot
 from configs.base import Config, ConfigError
-from configs.load import load_config
+from configs.load import config_from_dict, config_to_dict, load_config
 
 REPO = Path(__file__).resolve().parent
 
@@ -99,6 +101,28 @@ def _stop_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _identity(cfg: Config) -> str:
+    """A run's config without its name and directory: equal identities train identically."""
+    config = config_to_dict(cfg)
+    config.pop("name")
+    config["train"].pop("run_dir")
+    return json.dumps(config, sort_keys=True)
+
+
+def finished_twin(cfg: Config, runs_root) -> Path | None:
+    """A finished run of any study with this very config (the base cell recurs across studies):
+    training is deterministic, so copying it equals training it again."""
+    want = _identity(cfg)
+    for config_file in sorted(Path(runs_root).glob("*/*/config.json")):
+        try:
+            other = config_from_dict(json.loads(config_file.read_text()))
+        except (ConfigError, json.JSONDecodeError):
+            continue
+        if config_file.parent != Path(cfg.train.run_dir) and _identity(other) == want and finished(other):
+            return config_file.parent
+    return None
+
+
 def run_cell(cfg: Config, overrides: list[str], base: str, deadline: float | None) -> str:
     """train.py in a subprocess; at the deadline it gets SIGTERM, saves and exits (resumable)."""
     cmd = [sys.executable, str(REPO / "train.py"), "--config", base, *overrides]
@@ -164,6 +188,11 @@ def run_study(study: Study, max_minutes: float | None = None, report_only: bool 
             continue
         if deadline is not None and time.time() >= deadline:
             print(f"{name}: not started (time cap)", flush=True)
+            continue
+        twin = finished_twin(cfg, study.runs_root)
+        if twin is not None and not Path(cfg.train.run_dir).exists():
+            shutil.copytree(twin, cfg.train.run_dir)
+            print(f"{name}: the same config already ran as {twin}; copied", flush=True)
             continue
         print(f"{name}: {run_cell(cfg, cell_overrides(study, cell, seed), study.base, deadline)}", flush=True)
     out_dir = Path(study.runs_root) / study.name

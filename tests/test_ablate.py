@@ -31,7 +31,8 @@ def run_ablate(study_path, *args):
 
 
 def test_study_runs_skips_and_resumes(corpus, tmp_path):
-    path = write_study(tmp_path, corpus, steps=3)
+    cells = {"rms": [], "layernorm": ["model.norm=layernorm"], "rms-again": []}
+    path = write_study(tmp_path, corpus, cells=cells, steps=3)
     study = ablate.load_study(path)
     # A cell killed after its first step: the study resumes it from its checkpoint.
     stopped = ablate.run_dir(study, "rms", 0)
@@ -42,6 +43,9 @@ def test_study_runs_skips_and_resumes(corpus, tmp_path):
     assert first.returncode == 0, first.stderr
     assert "tiny/rms-seed0: done" in first.stdout and "tiny/layernorm-seed0: done" in first.stdout
     assert "resuming from step 1" in (stopped / "ablate.log").read_text()
+    # The same config in another cell is copied, not trained again: training is deterministic.
+    assert "tiny/rms-again-seed0: the same config already ran as" in first.stdout
+    assert records(ablate.run_dir(study, "rms-again", 0)) == records(stopped)
     assert [r["step"] for r in records(stopped)][-1] == 3
     second = run_ablate(path)
     assert "tiny/rms-seed0: finished, skipped" in second.stdout

@@ -18,9 +18,9 @@ RANKS = {
     "layers": 1, "data": 1,
     "model": 2, "torch/model": 2,
     "sharding": 3,
-    "checkpoint": 4, "optimizer": 4, "plot": 4,
-    "train": 5, "sample": 5, "evaluate": 5, "torch/train": 5,
-    "corpus": 6, "bench": 6, "benchmarks": 6, "ablate": 6,
+    "checkpoint": 4, "optimizer": 4, "plot": 4, "tasks": 4,
+    "train": 5, "sample": 5, "evaluate": 5, "torch/train": 5, "hf_files": 5,
+    "corpus": 6, "bench": 6, "benchmarks": 6, "ablate": 6, "hf": 6,
     "studies": 7,   # study files: data for ablate.py
 }
 TOOLS = 6   # and above

@@ -111,7 +111,7 @@ def test_bfloat16_compute_with_float32_params():
     logits, _ = model.forward(params, toks, cfg)
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
     full, _ = model.forward(params, toks, dataclasses.replace(cfg, compute_dtype="float32"))
-    np.testing.assert_allclose(logits, full, atol=0.1)
+    assert_close(logits, full, rel=3e-2)   # bfloat16 keeps 8 bits of mantissa
     batch = {"inputs": toks, "targets": tokens(cfg, 1)}
     grads = jax.grad(lambda p: model.loss_fn(p, batch, cfg)[0])(params)
     assert all(g.dtype == jnp.float32 and bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
@@ -220,7 +220,7 @@ def test_loss_mask_drops_tokens_exactly():
     mask = jnp.ones((B, T)).at[1].set(0.0)
     loss, metrics = model.loss_fn(params, {"inputs": toks, "targets": targets, "mask": mask}, cfg)
     row0, _ = model.loss_fn(params, {"inputs": toks[:1], "targets": targets[:1]}, cfg)
-    assert float(loss) == pytest.approx(float(row0), rel=1e-6)
+    assert float(loss) == pytest.approx(float(row0), rel=1e-5)
     assert float(metrics["tokens"]) == T
 
 
@@ -314,7 +314,7 @@ def test_mixed_block_pattern_scans_one_stack_per_kind(monkeypatch):
     assert_close(logits, expected, rel=1e-5)
     assert float(aux["losses"]["double_aux"]) == pytest.approx(float(expected_aux), rel=1e-5)
     loss, metrics = model.loss_fn(params, {"inputs": toks, "targets": tokens(cfg, 1)}, cfg)
-    assert float(loss) == pytest.approx(float(metrics["ce"] + metrics["double_aux"]), rel=1e-6)
+    assert float(loss) == pytest.approx(float(metrics["ce"] + metrics["double_aux"]), rel=1e-5)
     assert model.count_params(cfg) == sum(x.size for x in jax.tree.leaves(params))
 
 
