@@ -1,45 +1,225 @@
-"""Checkpoints, with Orbax: the manager train.py saves through, shape checks before anything is
-restored, full-state restores for resuming, and the parameters alone for sampling, evaluation and
---init-from (no optimizer built). notes/training.md explains the choices.
+"""Checkpoints, with Orbax: the manager train.py saves through, a finiteness check before every
+save, shape checks before anything is restored, integrity checks with a fallback to the newest
+intact step, full-state restores for resuming, and the parameters alone for sampling, evaluation
+and --init-from (no optimizer built). notes/training.md explains the choices.
 
 A checkpoint step holds the items params, opt_state and meta ({"step"}), each a StandardSave, and
 the run's config as JSON beside them; separate items let the parameters be restored alone,
 whatever optimizer wrote them. Every error is one line naming the run, step or parameter at fault.
+
+    python checkpoint.py verify runs/NAME      # each step: intact, or damaged and why
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import logging
+import sys
+import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+import cli
 import model
 from configs.base import Config, ConfigError
 from configs.load import config_from_dict, config_to_dict
 
 ITEMS = ("params", "opt_state", "meta")
+# Where a damaged step is moved. Orbax takes a directory for a step only if its name is digits or
+# ends in "_" + digits, so it never lists these again.
+DAMAGED = "damaged-{step}"
+SANE_LR = 1.0    # no optimizer here trains with a peak learning rate above this
 
 
-def checkpoint_manager(directory: Path, keep: int) -> ocp.CheckpointManager:
-    """The manager of a run's checkpoints/ folder, keeping the last `keep` steps it saves."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
+class CheckpointError(ConfigError):
+    """A one-line checkpoint problem naming the step and directory (damage, a diverged state)."""
+
+
+class Damaged(CheckpointError):
+    """A checkpoint step that cannot be read back whole; `why` says what is wrong."""
+
+    def __init__(self, step: int, directory, why: str):
+        super().__init__(f"checkpoint step {step} in {directory} is damaged: {why}")
+        self.step, self.why = step, why
+
+
+def warn(line: str) -> None:
+    """A one-line warning on stderr, from process 0 only."""
+    if jax.process_index() == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Mute what Orbax prints around a damaged checkpoint (absl warnings, and tracebacks of the read
+    coroutines it abandons after the error we catch), so the caller reports it in one line."""
+    absl, hook = logging.getLogger("absl"), sys.unraisablehook
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()    # the abandoned coroutines complain when collected: collect them while muted
+        absl.setLevel(level)
+        sys.unraisablehook = hook
+
+
+def describe(err: BaseException) -> str:
+    """The innermost cause of an Orbax error, first line only (TensorStore appends a spec dump)."""
+    while err.__cause__ or err.__context__:
+        err = err.__cause__ or err.__context__
+    text = str(err).strip().split(" See full TensorStore details")[0]
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else 'no message'}"[:400]
+
+
+# --- Managers and the run directory ----------------------------------------------------------------
+
+
+def checkpoint_manager(directory: Path, keep: int | None, read_only: bool = False) -> ocp.CheckpointManager:
+    """The manager of a run's checkpoints/ folder, keeping the last `keep` steps it saves; a
+    read-only one (for sampling, evaluation, verify) never writes, moves or deletes anything."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, enable_async_checkpointing=True,
+                                           read_only=read_only, create=not read_only,
+                                           save_interval_steps=0 if read_only else 1)
     handlers = {name: ocp.StandardCheckpointHandler() for name in ITEMS}
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                 item_handlers={**handlers, "config": ocp.JsonCheckpointHandler()})
+    with quiet():
+        return ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                                     item_handlers={**handlers, "config": ocp.JsonCheckpointHandler()})
+
+
+def prepare_run_dir(directory: Path) -> None:
+    """Create the run directory and make sure this process can write where a run writes (logs,
+    config.json, checkpoints/), so a misplaced or read-only train.run_dir fails in one line before
+    anything is built. Probed by writing: permission bits do not bind root."""
+    fix = "give train.run_dir a directory this user can write"
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"train.run_dir={directory} is a file, not a directory; {fix}")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"train.run_dir={directory}: cannot create it ({err.strerror or err}); {fix}") from None
+    try:
+        for where in (directory, directory / "checkpoints", directory / "tb"):
+            if where.is_dir():
+                tempfile.TemporaryFile(dir=where).close()
+        for where in (directory / "metrics.jsonl", directory / "config.json"):
+            if where.exists():
+                open(where, "a").close()
+    except OSError as err:
+        raise ConfigError(f"train.run_dir={directory}: cannot write in {where} ({err.strerror or err}); "
+                          f"{fix}") from None
+
+
+# --- Saving ---------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _finite_leaves(tree):
+    """One flag per leaf: are all its values finite (integer leaves always are)."""
+    return jnp.stack([jnp.all(jnp.isfinite(leaf)) if jnp.issubdtype(leaf.dtype, jnp.inexact) else jnp.bool_(True)
+                      for leaf in jax.tree.leaves(tree)])
+
+
+def divergence_hint(cfg: Config) -> str:
+    """"; <the config value that obviously made training diverge>", or "" if none obviously did."""
+    for name in ("lr", "embed_lr", "unembed_lr", "scalar_lr"):
+        value = getattr(cfg.optim, name)
+        if value is not None and value > SANE_LR:
+            overflow = " and beyond float32's range" if value > float(np.finfo(np.float32).max) else ""
+            return (f"; likely culprit: optim.{name}={value:g}, far above any sane learning rate "
+                    f"(< {SANE_LR:g}){overflow}")
+    return ""
+
+
+def newest_text(manager: ocp.CheckpointManager) -> str:
+    """Where a stopped run resumes: every checkpoint this code wrote passed the finiteness check."""
+    step = manager.latest_step()
+    return (f"the last good checkpoint is step {step} in {manager.directory}" if step is not None
+            else f"no checkpoint was written before it in {manager.directory}")
 
 
 def save(manager: ocp.CheckpointManager, state: dict, cfg: Config) -> None:
-    """Asynchronous save of parameters, optimizer state and step, with the config beside."""
+    """Asynchronous save of parameters, optimizer state and step, with the config beside; refused
+    with a one-line error if any value is NaN or inf. The check comes before the save, so a
+    diverged state is never written and never makes Orbax evict an older, good step."""
+    checked = (state["params"], state["opt_state"])
+    step, finite = jax.device_get((state["step"], _finite_leaves(checked)))
+    if not finite.all():
+        manager.wait_until_finished()
+        raise CheckpointError(f"non-finite state at step {step}: {_non_finite(checked, finite)}; nothing saved "
+                              f"for it, {newest_text(manager)}{divergence_hint(cfg)}")
     items = {"params": state["params"], "opt_state": state["opt_state"], "meta": {"step": state["step"]}}
-    manager.save(int(state["step"]), args=ocp.args.Composite(
+    manager.save(int(step), args=ocp.args.Composite(
         config=ocp.args.JsonSave(config_to_dict(cfg)),
         **{name: ocp.args.StandardSave(item) for name, item in items.items()}))
 
 
+def _non_finite(checked: tuple, finite: np.ndarray) -> str:
+    """Which tensors of (params, opt_state) hold NaN or inf, naming the first parameter among them."""
+    (params, opt_state), flags = checked, iter(finite)
+    bad = [[jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if not next(flags)] for tree in checked]
+    return (f"NaN or inf in {len(bad[0])} of {len(jax.tree.leaves(params))} parameter tensors and "
+            f"{len(bad[1])} optimizer-state tensors (first: {(bad[0] or bad[1])[0]})")
+
+
+# --- Integrity ------------------------------------------------------------------------------------
+
+
+def item_metadata(manager: ocp.CheckpointManager, step: int, name: str):
+    """Orbax's metadata tree of one item of a step; Damaged if it is missing or unreadable."""
+    try:
+        with quiet():
+            items = manager.item_metadata(step)
+    except Exception as err:    # Orbax raises anything from KeyError to UnicodeDecodeError here
+        raise Damaged(step, manager.directory, f"its metadata cannot be read ({describe(err)})") from None
+    if items.get(name) is None:
+        why = f"item {name} has no _METADATA" if name in items.keys() else "it holds no checkpoint items"
+        raise Damaged(step, manager.directory, why)
+    return items.get(name)
+
+
+def check_step(manager: ocp.CheckpointManager, step: int, names=ITEMS) -> str | None:
+    """Why checkpoint `step` cannot be read back whole, or None if it can. Every array of the named
+    items is read onto the host, shaped as its own metadata says: the verdict needs no config or
+    device layout, and is the same on every process."""
+    try:
+        for name in names:
+            target = jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), item_metadata(manager, step, name))
+            with quiet():
+                got = manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(target)}))
+            if name == "meta" and int(got["meta"]["step"]) != step:
+                return f"meta holds step {int(got['meta']['step'])}, not {step}"
+    except Damaged as err:
+        return err.why
+    except Exception as err:    # Orbax raises plain Exception, ValueError, OSError, ... for bad files
+        return f"{name}: {describe(err)}"
+    return None
+
+
+def move_aside(manager: ocp.CheckpointManager, step: int) -> Path:
+    """Rename a damaged step to damaged-STEP (never deleted: kept for inspection)."""
+    source = Path(manager.directory) / str(step)
+    target, n = source.with_name(DAMAGED.format(step=step)), 1
+    while target.exists():
+        n += 1
+        target = source.with_name(f"{DAMAGED.format(step=step)}.{n}")
+    source.rename(target)
+    return target
+
+
+# --- Restoring ------------------------------------------------------------------------------------
+
+
 def check_shapes(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
     """One line naming the first parameter whose saved shape differs from the config's."""
-    saved = manager.item_metadata(step)["params"]
+    saved = item_metadata(manager, step, "params")
     saved_flat = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
     for path, want in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
         name = jax.tree_util.keystr(path)
@@ -54,21 +234,57 @@ def check_shapes(manager: ocp.CheckpointManager, step: int, abstract_params) -> 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: dict, names=ITEMS) -> dict:
     """Restore the named items of checkpoint `step` onto the abstract state's shapes (and
     shardings, if its leaves carry them: Orbax reshards on load). The abstract state needs the
-    entries the names read: params always, opt_state for "opt_state", step for "meta"."""
+    entries the names read: params always, opt_state for "opt_state", step for "meta".
+    A step that cannot be read whole raises Damaged."""
     check_shapes(manager, step, abstract_state["params"])
     abstract = {"params": abstract_state["params"], "opt_state": abstract_state.get("opt_state"),
                 "meta": {"step": abstract_state.get("step")}}
     try:
-        got = manager.restore(step, args=ocp.args.Composite(
-            **{name: ocp.args.StandardRestore(abstract[name]) for name in names}))
-    except ValueError:
-        if "opt_state" not in names:
+        with quiet():
+            got = manager.restore(step, args=ocp.args.Composite(
+                **{name: ocp.args.StandardRestore(abstract[name]) for name in names}))
+    except Exception as err:
+        if why := check_step(manager, step, names):
+            raise Damaged(step, manager.directory, why) from None
+        if not isinstance(err, ValueError) or "opt_state" not in names:
             raise
-        # The parameters matched, so the optimizer state's layout differs.
+        # The files are whole and the parameters matched, so the optimizer state's layout differs.
         raise ConfigError(f"checkpoint step {step} in {manager.directory}: its optimizer state does not fit "
                           f"this config's optim settings (optimizer, clipping); resume with "
                           f"the optim config that wrote it, or start a new run with --init-from") from None
     return {name: got[name] for name in names}
+
+
+def resume(manager: ocp.CheckpointManager, abstract_state: dict, say=warn) -> tuple[int, dict] | None:
+    """(step, state) of the newest intact checkpoint, or None if there is none at all. Damaged
+    steps newer than it are moved aside, one line each through `say`, never deleted; if no step
+    is intact, a one-line error and nothing is moved."""
+    damaged = {}
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            # With several processes, Orbax's restore waits at a barrier that a process which read a
+            # damaged shard never reaches: agree on the verdict first, reading everything everywhere.
+            if jax.process_count() > 1 and (why := check_step(manager, step)):
+                raise Damaged(step, manager.directory, why)
+            state = restore(manager, step, abstract_state)
+        except Damaged as err:
+            damaged[step] = err.why
+            continue
+        for bad, why in damaged.items():
+            if jax.process_index() == 0:
+                say(f"warning: checkpoint step {bad} is damaged ({why}); moved to "
+                    f"{move_aside(manager, bad)}, resuming from step {step}")
+        if damaged:
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices("checkpoint: damaged steps moved aside")
+            manager.reload()
+        return step, state
+    if damaged:
+        listed = "; ".join(f"step {step}: {why}" for step, why in damaged.items())
+        raise CheckpointError(f"no intact checkpoint in {manager.directory} ({listed}); nothing was moved or "
+                              f"deleted: move the damaged steps elsewhere to start afresh")
+    return None
 
 
 def abstract_params(cfg: Config, shardings=None) -> dict:
@@ -85,25 +301,96 @@ def restore_params(cfg: Config, directory: Path, step: int, shardings=None) -> d
     """The parameters alone of checkpoint `step` in `directory`, checked against cfg.model's shapes
     and placed by `shardings` if given (else as Orbax lays them out on this process's devices).
     No optimizer is built, so any optimizer may have written them."""
-    with checkpoint_manager(directory, keep=cfg.train.keep_checkpoints) as manager:
+    with checkpoint_manager(directory, None, read_only=True) as manager:
         abstract = {"params": abstract_params(cfg, shardings)}
         return restore(manager, step, abstract, names=("params",))["params"]
+
+
+def load_params(cfg: Config, directory: Path, step: int | None = None, shardings=None,
+                say=warn) -> tuple[int, dict]:
+    """(step, parameters) of checkpoint `step`, or by default of the newest step whose parameters
+    read back whole: newer damaged steps are reported through `say`, one line each, and left where
+    they are (a reader must not rearrange a run that may still be training). For sampling and
+    evaluation."""
+    if step is not None:
+        return step, restore_params(cfg, directory, step, shardings)
+    with checkpoint_manager(directory, None, read_only=True) as manager:
+        steps = sorted(manager.all_steps(), reverse=True)
+    damaged = []
+    for candidate in steps:
+        try:
+            params = restore_params(cfg, directory, candidate, shardings)
+        except Damaged as err:
+            damaged.append(err)
+            continue
+        for err in damaged:
+            say(f"warning: {err}; using step {candidate}")
+        return candidate, params
+    raise CheckpointError(f"no checkpoint in {directory} has readable parameters"
+                          + "".join(f"; step {err.step}: {err.why}" for err in damaged))
+
+
+def run_config(run: str) -> Config:
+    """The config a train.py run directory was written with; errors name --run."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--run {run}: no train.py run there ({path} is missing)")
+    try:
+        return config_from_dict(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--run {run}: {path} is not readable JSON ({err})") from None
+    except (ConfigError, TypeError, AttributeError) as err:    # valid JSON, but not a config's sections
+        raise ConfigError(f"--run {run}: {path} is not a config this code can read ({err})") from None
 
 
 def find_checkpoint(run: str, step: int | None) -> tuple[Config, Path, int]:
     """A train.py run directory's config, its checkpoint directory and the step to load (`step`,
     else the latest); errors name the --run or --step flag at fault."""
-    run_dir = Path(run)
-    if not (run_dir / "config.json").is_file():
-        raise ConfigError(f"--run {run}: no train.py run there ({run_dir / 'config.json'} is missing)")
-    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-    directory = run_dir / "checkpoints"
+    cfg = run_config(run)
+    directory = Path(run) / "checkpoints"
     if not directory.is_dir():
         raise ConfigError(f"--run {run}: no checkpoints yet ({directory} is missing)")
-    with checkpoint_manager(directory, cfg.train.keep_checkpoints) as manager:
+    with checkpoint_manager(directory, None, read_only=True) as manager:
         steps = sorted(manager.all_steps())
     if not steps:
         raise ConfigError(f"--run {run}: no checkpoints yet in {directory}")
     if step is not None and step not in steps:
         raise ConfigError(f"--step {step}: {run} has checkpoints at steps {', '.join(map(str, steps))}")
     return cfg, directory, steps[-1] if step is None else step
+
+
+# --- The command line ------------------------------------------------------------------------------
+
+
+def verify(run: str) -> bool:
+    """Print each step of a run (or a checkpoints/ folder) as intact, or damaged and why; and the
+    steps moved aside earlier. True if every step is intact."""
+    directory = Path(run) / "checkpoints" if (Path(run) / "checkpoints").is_dir() else Path(run)
+    if not directory.is_dir():
+        raise ConfigError(f"{run}: no such run directory or checkpoints folder")
+    with checkpoint_manager(directory, None, read_only=True) as manager:
+        verdicts = {step: check_step(manager, step) for step in sorted(manager.all_steps())}
+    rows = [("step", "state", "why")] + [(step, "damaged" if why else "intact", why or "")
+                                         for step, why in verdicts.items()]
+    rows += [(path.name, "moved aside", "") for path in sorted(directory.glob(DAMAGED.format(step="*")))]
+    print(f"{directory}: {len(verdicts)} checkpoint steps" + ("" if verdicts else " (none)"))
+    if len(rows) > 1:
+        print(cli.format_table(rows))
+    return not any(verdicts.values())
+
+
+def main(argv=None) -> None:
+    parser = cli.Parser(description="Check a run's checkpoints: every item and array read back whole.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("verify", help="report each step as intact or damaged").add_argument(
+        "run", help="a train.py run directory (or its checkpoints/ folder)")
+    args = parser.parse_args(argv)
+    try:
+        intact = verify(args.run)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    raise SystemExit(0 if intact else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,12 +14,14 @@ import itertools
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import sysconfig
 import tempfile
 import textwrap
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from pathlib import Path
@@ -81,6 +83,18 @@ def split_files(files: list[Path], root: Path, val_fraction: float) -> tuple[lis
         val.add(path)
         held += sizes[path]
     return [path for path in files if path not in val], [path for path in files if path in val]
+
+
+def make_out_dir(out) -> Path:
+    """--out as a directory, created if need be; one line if it is a file or cannot be made."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise data.DataError(f"--out {out} is a file; give a directory for the shards")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise data.DataError(f"--out {out}: cannot create it ({e.strerror}: {e.filename})") from None
+    return out
 
 
 def _encode_file(task: tuple[str, str]) -> tuple[np.ndarray, int]:
@@ -183,8 +197,7 @@ def prepare(input_spec: str, tokenizer: str, out, val_fraction: float = 0.05,
         raise data.DataError(f"--workers {workers} must be >= 1")
     files, root = input_files(input_spec)
     train, val = split_files(files, root, val_fraction)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out_dir(out)
     staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
     try:
         tasks = [(str(path), tokenizer) for path in val + train]
@@ -251,7 +264,13 @@ def download(url: str, dest, open_url=urllib.request.urlopen, retries: int = 5, 
         except urllib.error.HTTPError as e:
             if e.code < 500 and e.code != 429:
                 raise data.DataError(f"{url}: HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError):
+        except urllib.error.URLError as e:
+            # No name resolution or a refused connection before a single byte: offline, most likely;
+            # failing now beats a minute of backoff. Later failures are taken as transient.
+            if attempts == 1 and not part.exists() and isinstance(e.reason, (socket.gaierror, ConnectionRefusedError)):
+                raise data.DataError(f"cannot reach {urllib.parse.urlsplit(url).netloc} ({e.reason}); "
+                                     f"downloading FineWeb needs network access") from None
+        except (http.client.HTTPException, OSError):
             pass                # transient: the next attempt resumes from what arrived
     os.replace(part, dest)
     return dest
@@ -261,8 +280,7 @@ def fineweb(train_shards: int, out, base_url: str = FINEWEB_URL, **download_opti
     """The FineWeb10B val shard and the first `train_shards` train shards (100M GPT-2 tokens each)."""
     if not 1 <= train_shards <= FINEWEB_TRAIN_SHARDS:
         raise data.DataError(f"--train-shards {train_shards} must be in [1, {FINEWEB_TRAIN_SHARDS}]")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out_dir(out)
     data.write_meta(out, **FINEWEB_META)
     names = ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, train_shards + 1)]
     for i, name in enumerate(names):
@@ -351,7 +369,7 @@ def main(argv=None) -> None:
         else:
             inspect_shards(args.dir, args.full)
     except ConfigError as e:
-        raise SystemExit(f"corpus.py {args.command}: error: {e}") from None
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -221,10 +221,11 @@ def _doc_starts(tokens: np.ndarray, window: int, eot: int) -> np.ndarray:
 class WindowSource:
     """grain random-access source over memmapped shards: window i is `window` consecutive tokens
     of one shard, numbered shard by shard. Windows never cross shards; consecutive windows share
-    one token, so each token is a target once per epoch."""
+    one token, so each token is a target once per epoch. Every read checks its ids against
+    `vocab_size` (a max over the batch): on device, an id past the embedding is read silently."""
 
-    def __init__(self, shards: list[np.ndarray], window: int, eot: int | None = None):
-        self.window = window
+    def __init__(self, shards: list[np.ndarray], window: int, eot: int | None, vocab_size: int, paths: list):
+        self.window, self.vocab_size, self.paths = window, vocab_size, paths
         # Plain ndarray views of the memmaps: slicing np.memmap costs several times more per window.
         self._tokens = [np.asarray(shard).view(np.ndarray) for shard in shards]
         self._starts = [None if eot is None else _doc_starts(tokens, window, eot) for tokens in self._tokens]
@@ -244,10 +245,19 @@ class WindowSource:
         shards = np.searchsorted(self._offsets, ids, side="right") - 1
         local = ids - self._offsets[shards]
         out = np.empty((len(ids), self.window), np.int32)
+        starts = []
         for row, (shard, index) in enumerate(zip(shards.tolist(), local.tolist())):
-            starts = self._starts[shard]
-            start = index * (self.window - 1) if starts is None else int(starts[index])
-            out[row] = self._tokens[shard][start:start + self.window]
+            doc_starts = self._starts[shard]
+            starts.append(index * (self.window - 1) if doc_starts is None else int(doc_starts[index]))
+            out[row] = self._tokens[shard][starts[-1]:starts[-1] + self.window]
+        # A uint32 id of 2**31 or more wraps negative in int32.
+        if len(out) and (out.max() >= self.vocab_size or out.min() < 0):
+            row, col = np.argwhere((out >= self.vocab_size) | (out < 0))[0]
+            shard, offset = int(shards[row]), starts[row] + int(col)
+            raise DataError(f"{self.paths[shard]}: token id {int(self._tokens[shard][offset])} at token offset "
+                            f"{offset:,} is outside the model's vocabulary (model.vocab_size={self.vocab_size}); the "
+                            f"shard is corrupt or was made with another tokenizer (`python corpus.py inspect --full` "
+                            f"scans every token)")
         return out
 
 
@@ -300,19 +310,34 @@ def _check_vocab(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
                         f"to at least {top + 1} or use shards made with this model's tokenizer")
 
 
+def split_shards(cfg: Config, split: str) -> list[Path]:
+    """The `split` shards of data.path; one line saying how to make them if there are none."""
+    paths = find_shards(cfg.data.path, split)
+    if not paths:
+        out = f"--out {cfg.data.path}"
+        make = (f"`python corpus.py prepare --input stdlib --tokenizer bytes {out}`" if cfg.model.vocab_size == 257
+                else f"`python corpus.py fineweb --train-shards 8 {out}` (GPT-2 tokens)")
+        raise DataError(f"data.path={cfg.data.path!r} has no {split} shards (*{split}_*.bin); make them with {make}")
+    return paths
+
+
+def check_dataset(cfg: Config) -> None:
+    """Train and val shards with valid headers and their tokenizer record: checked in moments."""
+    for path in split_shards(cfg, "train") + split_shards(cfg, "val"):
+        shard_header(path)
+    read_meta(cfg.data.path)
+
+
 def window_source(cfg: Config, split: str) -> WindowSource:
     """Validated windows of model.seq_len + 1 tokens over the `split` shards of data.path."""
     data_dir = cfg.data.path
-    paths = find_shards(data_dir, split)
-    if not paths:
-        raise DataError(f"data.path={data_dir!r} has no {split} shards (*{split}_*.bin); make them with "
-                        f"`python corpus.py prepare --input stdlib --tokenizer bytes --out {data_dir}`")
+    paths = split_shards(cfg, split)
     shards = [read_shard(path) for path in paths]
     for path, tokens in zip(paths, shards):
         _check_vocab(path, tokens, cfg.model.vocab_size)
     window = cfg.model.seq_len + 1
     eot = read_meta(data_dir)["eot"] if cfg.data.doc_aligned else None
-    source = WindowSource(shards, window, eot)
+    source = WindowSource(shards, window, eot, cfg.model.vocab_size, paths)
     if not len(source):
         longest = max(len(shard) for shard in shards)
         what = "an end-of-text-aligned window" if eot is not None and longest >= window else "a window"

@@ -182,22 +182,27 @@ ACTIVATIONS = {
 }
 
 
+def mlp_activation(h, cfg):
+    """act(h), or for gated MLPs act(gate) * up from h's last axis read as (gate, up) halves
+    [..., 2, F]. Shared by the dense MLP and the MoE experts."""
+    act = ACTIVATIONS[cfg.activation]
+    if not cfg.gated:
+        return act(h)
+    gate, up = jnp.split(h.reshape(*h.shape[:-1], 2, -1), 2, axis=-2)  # split: as in attention
+    return (act(gate) * up).reshape(*h.shape[:-1], -1)
+
+
 def mlp(p, x_ND, cfg):
     """act(x W_in) W_out, or for gated MLPs act(x W_gate) * (x W_up) W_out.
 
-    A gated W_in is one [D, 2, F] weight (gate, up) so both halves come from a single GEMM.
+    A gated W_in is one [D, 2, F] weight (gate, up) so both halves come from a single GEMM. F is
+    read from the weights, so the same function runs the MoE's shared experts.
     """
     dtype = x_ND.dtype
     h = x_ND @ p["w_in"].astype(dtype).reshape(cfg.d_model, -1)
     if "b_in" in p:
         h = h + p["b_in"].astype(dtype).reshape(-1)
-    act = ACTIVATIONS[cfg.activation]
-    if cfg.gated:
-        gate, up = jnp.split(h.reshape(-1, 2, cfg.d_ff), 2, axis=1)  # split: as in attention
-        h = (act(gate) * up).reshape(-1, cfg.d_ff)
-    else:
-        h = act(h)
-    y = h @ p["w_out"].astype(dtype)
+    y = mlp_activation(h, cfg) @ p["w_out"].astype(dtype)
     return y + p["b_out"].astype(dtype) if "b_out" in p else y
 
 

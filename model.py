@@ -3,7 +3,8 @@
 Parameters are a nested dict of arrays. A model is a repeated pattern of blocks (attention, then
 a feed-forward sublayer of some kind: `FFN_KINDS`); each kind's blocks share one stacked tree
 whose leaves carry a leading "layers" axis, and `jax.lax.scan` runs the pattern's repeats, so
-compile time is flat in depth. A dense model's pattern is ("dense",).
+compile time is flat in depth. A dense model's pattern is ("dense",); a mixture of experts puts a
+"moe" block (moe.py) every moe_every blocks.
 
 Shape suffixes as in layers.py: B batch, T sequence, N = B*T, D d_model, V vocabulary,
 L stacked layers, R pattern repeats, P pattern length.
@@ -21,13 +22,14 @@ import jax.numpy as jnp
 
 import cli
 import layers
+import moe
 from configs.base import ConfigError, ModelConfig
 
 init_ops = jax.nn.initializers
 
 # The closed set of logical axis names a parameter may carry (None: never sharded). sharding.RULES
 # maps some of them onto mesh axes; a name outside this set is a typo, caught when specs are built.
-LOGICAL_AXES = frozenset({"layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm"})
+LOGICAL_AXES = frozenset({"layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "expert"})
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,10 @@ def _norm_specs(cfg: ModelConfig, dim: int, stacked: tuple, axes: tuple) -> dict
     return specs
 
 
-def _hidden(cfg: ModelConfig, shape, axes, in_axis, out_axis, scale=1.0) -> ParamSpec:
-    """A stacked hidden matrix (leading layer axis), initialized by the config's scheme."""
-    init = _matrix_init(cfg.init, cfg.init_std, in_axis, out_axis, scale, batch_axis=(0,))
+def _hidden(cfg: ModelConfig, shape, axes, in_axis, out_axis, scale=1.0, batch_axis=(0,)) -> ParamSpec:
+    """A stacked hidden matrix (leading layer axis, and for experts an expert axis: batch axes,
+    outside the fans), initialized by the config's scheme."""
+    init = _matrix_init(cfg.init, cfg.init_std, in_axis, out_axis, scale, batch_axis)
     return ParamSpec(shape, axes, cfg.param_dtype, init, matrix=(in_axis, out_axis))
 
 
@@ -99,9 +102,9 @@ def _attention_specs(cfg: ModelConfig, L: int) -> dict:
     return attn
 
 
-def _dense_specs(cfg: ModelConfig, L: int) -> dict:
-    """The MLP: w_in [D, F], or [D, 2, F] (gate, up) when gated, and w_out [F, D]."""
-    D, F, dt = cfg.d_model, cfg.d_ff, cfg.param_dtype
+def _dense_specs(cfg: ModelConfig, L: int, d_ff: int | None = None) -> dict:
+    """The MLP: w_in [D, F], or [D, 2, F] (gate, up) when gated, and w_out [F, D]; F = d_ff."""
+    D, F, dt = cfg.d_model, d_ff or cfg.d_ff, cfg.param_dtype
     w_in_shape, w_in_axes = ((L, D, 2, F), ("layers", "embed", None, "mlp")) if cfg.gated else \
         ((L, D, F), ("layers", "embed", "mlp"))
     mlp = {
@@ -114,29 +117,43 @@ def _dense_specs(cfg: ModelConfig, L: int) -> dict:
     return mlp
 
 
+def _moe_specs(cfg: ModelConfig, L: int) -> dict:
+    """The router and routed experts (moe.specs), and the shared experts as one dense MLP."""
+    zeros = lambda shape, axes: ParamSpec(shape, axes, cfg.param_dtype, init_ops.zeros)
+    specs = moe.specs(cfg, L, lambda *args: _hidden(cfg, *args), zeros, _out_scale(cfg))
+    if cfg.n_shared_experts:
+        specs["shared"] = _dense_specs(cfg, L, cfg.n_shared_experts * moe.expert_ff(cfg))
+    return specs
+
+
 @dataclass(frozen=True)
 class FFNKind:
     """A kind of feed-forward sublayer, and so a kind of block. `specs(cfg, L)` declares its
-    parameters stacked over L layers; `apply(p, x_ND, cfg)` returns (y_ND, auxiliary losses, a
-    dict of scalars); `matmul_params(cfg)` counts the matmul weights one token passes through
-    (its active parameters: what its FLOPs are counted from)."""
+    parameters stacked over L layers; `apply(p, x_ND, cfg, batch)` (x: `batch` sequences) returns
+    (y_ND, aux): aux["losses"] scalars that forward sums over layers, any other entry statistics
+    that it stacks per layer; `matmul_params(cfg)` counts the matmul weights one token passes
+    through (what its FLOPs are counted from); `inactive_params(cfg)` the parameters per layer a
+    token does not use (a MoE's unchosen experts)."""
     specs: Callable[[ModelConfig, int], dict]
     apply: Callable
     matmul_params: Callable[[ModelConfig], int]
     params_key: str
+    inactive_params: Callable[[ModelConfig], int] = lambda cfg: 0
 
 
 FFN_KINDS = {
-    "dense": FFNKind(specs=_dense_specs, apply=lambda p, x_ND, cfg: (layers.mlp(p, x_ND, cfg), {}),
+    "dense": FFNKind(specs=_dense_specs, apply=lambda p, x_ND, cfg, batch: (layers.mlp(p, x_ND, cfg), {}),
                      matmul_params=lambda cfg: (3 if cfg.gated else 2) * cfg.d_model * cfg.d_ff,
                      params_key="blocks"),
+    "moe": FFNKind(specs=_moe_specs, apply=moe.apply, matmul_params=moe.matmul_params,
+                   params_key="moe_blocks", inactive_params=moe.inactive_params),
 }
 
 
 def block_pattern(cfg: ModelConfig) -> tuple[str, ...]:
     """The FFN kinds of one repeat of the layer pattern, in order; n_layers is a whole number
-    of repeats."""
-    return ("dense",)
+    of repeats. With experts, every moe_every-th block is a MoE block."""
+    return ("dense",) * (cfg.moe_every - 1) + ("moe",) if cfg.n_experts else ("dense",)
 
 
 def _stack_sizes(cfg: ModelConfig) -> dict[str, int]:
@@ -203,12 +220,20 @@ def count_params(cfg: ModelConfig) -> int:
     return sum(math.prod(s.shape) for s in specs)
 
 
+def count_active_params(cfg: ModelConfig) -> int:
+    """Parameters one token uses: the total less each MoE layer's n_experts - top_k unchosen
+    experts (the router and shared experts count). Equals count_params for a dense model."""
+    inactive = sum(L * FFN_KINDS[kind].inactive_params(cfg) for kind, L in _stack_sizes(cfg).items())
+    return count_params(cfg) - inactive
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 * P_matmul + 6 * L * H * E * T.
 
     P_matmul counts the matmul weights one token passes through: per layer the fused QKV
     (D (H + 2K) E), the output projection (H E D) and its FFN kind's active weights (a gated MLP
-    3 D F, else 2 D F), plus the unembedding (D V_padded). Embedding lookups are not matmuls. Each
+    3 D F, else 2 D F; a MoE layer its router, top_k experts and shared experts), plus the
+    unembedding (D V_padded). Embedding lookups are not matmuls. Each
     matmul weight costs 2 FLOPs per token forward and 4 backward. Attention's QK^T and PV are
     2 * 2 T H E FLOPs per token per layer forward for full attention, half that under the causal
     mask, times 3 for forward + backward.
@@ -225,20 +250,20 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def block(p, x_ND, cfg: ModelConfig, kind: str, batch: int, positions, mask_BTS=None, kv=None):
     """One transformer block: attention then the FFN of its kind, each with a residual, pre- or
-    post-norm. Returns (x, the layer's updated KV cache or None, auxiliary losses)."""
+    post-norm. Returns (x, the layer's updated KV cache or None, the FFN's aux)."""
     def attn(h):
         return layers.attention(p["attn"], h, cfg, batch, positions, mask_BTS, kv)
     def ffn(h):
-        return FFN_KINDS[kind].apply(p["mlp"], h, cfg)
+        return FFN_KINDS[kind].apply(p["mlp"], h, cfg, batch)
     if cfg.norm_position == "pre":
         a, kv = attn(layers.norm(p.get("attn_norm", {}), x_ND, cfg))
         x_ND = x_ND + a
-        f, losses = ffn(layers.norm(p.get("mlp_norm", {}), x_ND, cfg))
-        return x_ND + f, kv, losses
+        f, aux = ffn(layers.norm(p.get("mlp_norm", {}), x_ND, cfg))
+        return x_ND + f, kv, aux
     a, kv = attn(x_ND)
     x_ND = layers.norm(p.get("attn_norm", {}), x_ND + a, cfg)
-    f, losses = ffn(x_ND)
-    return layers.norm(p.get("mlp_norm", {}), x_ND + f, cfg), kv, losses
+    f, aux = ffn(x_ND)
+    return layers.norm(p.get("mlp_norm", {}), x_ND + f, cfg), kv, aux
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, start=None) -> dict:
@@ -276,31 +301,35 @@ def _embed(params, tokens_BT, cfg: ModelConfig, positions):
 def _run_blocks(params, x_ND, cfg: ModelConfig, batch: int, positions, mask_BTS, cache):
     """Scan the block pattern over its R repeats: each kind's stack [L, ...] is read as [R, c, ...]
     (c: the kind's count per repeat), the cache's [n_layers, ...] as [R, P, ...]. Returns (x, the
-    new k and v or None, auxiliary losses summed over layers)."""
+    new k and v or None, aux: auxiliary losses summed over layers, statistics stacked per layer)."""
     pattern = block_pattern(cfg)
-    repeats, width = cfg.n_layers // len(pattern), len(pattern)
+    repeats = cfg.n_layers // len(pattern)
     per_repeat = lambda tree: jax.tree.map(lambda w: w.reshape(repeats, -1, *w.shape[1:]), tree)
     stacks = {kind: per_repeat(params[FFN_KINDS[kind].params_key]) for kind in set(pattern)}
     kvs = None if cache is None else per_repeat((cache["k"], cache["v"]))
 
     def step(x_ND, xs):
         stacks_r, kvs_r = xs
-        seen, new_kvs, losses = Counter(), [], {}
+        seen, new_kvs, losses, stats = Counter(), [], {}, {}
         for i, kind in enumerate(pattern):
             p = jax.tree.map(lambda w: w[seen[kind]], stacks_r[kind])
             seen[kind] += 1
             kv = None if kvs_r is None else (kvs_r[0][i], kvs_r[1][i], cache["index"])
-            x_ND, kv, block_losses = block(p, x_ND, cfg, kind, batch, positions, mask_BTS, kv)
+            x_ND, kv, block_aux = block(p, x_ND, cfg, kind, batch, positions, mask_BTS, kv)
             new_kvs.append(kv)
-            for name, value in block_losses.items():
+            for name, value in block_aux.get("losses", {}).items():
                 losses[name] = losses.get(name, 0.0) + value
+            for name, value in block_aux.items():
+                if name != "losses":
+                    stats.setdefault(name, []).append(value)
         kvs_out = None if kvs_r is None else tuple(jnp.stack([kv[j] for kv in new_kvs]) for j in (0, 1))
-        return x_ND, (kvs_out, losses)
+        stats = {name: jax.tree.map(lambda *v: jnp.stack(v), *values) for name, values in stats.items()}
+        return x_ND, (kvs_out, losses, stats)
     if cfg.remat:
         step = jax.checkpoint(step)
-    x_ND, (kvs, losses) = jax.lax.scan(step, x_ND, (stacks, kvs))
-    kvs = None if kvs is None else tuple(kv.reshape(repeats * width, *kv.shape[2:]) for kv in kvs)
-    return x_ND, kvs, {name: jnp.sum(value) for name, value in losses.items()}
+    x_ND, (kvs, losses, stats) = jax.lax.scan(step, x_ND, (stacks, kvs))
+    kvs, stats = jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), (kvs, stats))   # [R, c, ...] -> layers
+    return x_ND, kvs, {"losses": {name: jnp.sum(value) for name, value in losses.items()}, **stats}
 
 
 def forward(params, tokens_BT, cfg: ModelConfig, cache=None):
@@ -309,20 +338,25 @@ def forward(params, tokens_BT, cfg: ModelConfig, cache=None):
 
     `aux` is a dict of the pass's side outputs: with a cache (init_cache), the tokens continue the
     cached sequence, their keys and values are written at cache["index"], and aux["cache"] is the
-    updated cache; aux["losses"] holds auxiliary loss terms (name -> scalar) that loss_fn adds.
+    updated cache; aux["losses"] holds auxiliary loss terms (name -> scalar, weighted, summed over
+    layers) that loss_fn adds, e.g. a MoE's "moe_aux" and "moe_z"; a top-k MoE adds aux["moe"],
+    moe.apply's statistics stacked over the MoE layers in layer order: "load" [L_moe, n_experts]
+    (each expert's share of the assignments) and "dropped" [L_moe] (the share capacity dropped).
     """
     b, t = tokens_BT.shape
+    if cache is not None and cfg.n_experts and cfg.router == "soft":
+        raise ConfigError("model.router='soft' mixes tokens across the whole sequence, so it cannot decode "
+                          "causally through a KV cache; use model.router='topk_softmax'")
     if cache is None:
         positions, mask_BTS = jnp.arange(t), None
     else:
         positions, mask_BTS = _cache_positions(cache, t, cache["k"].shape[2])
     x_ND = _embed(params, tokens_BT, cfg, positions)
-    x_ND, kvs, losses = _run_blocks(params, x_ND, cfg, b, positions, mask_BTS, cache)
+    x_ND, kvs, aux = _run_blocks(params, x_ND, cfg, b, positions, mask_BTS, cache)
     if cfg.norm_position == "pre":
         x_ND = layers.norm(params.get("final_norm", {}), x_ND, cfg)
     w_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
     logits_BTV = layers.unembed(w_DV, x_ND, cfg).reshape(b, t, -1)
-    aux = {"losses": losses}
     if cache is not None:
         aux["cache"] = {**cache, "k": kvs[0], "v": kvs[1], "index": cache["index"] + t}
     return logits_BTV, aux
@@ -330,7 +364,8 @@ def forward(params, tokens_BT, cfg: ModelConfig, cache=None):
 
 def loss_fn(params, batch, cfg: ModelConfig):
     """Mean next-token cross-entropy (+ z_loss * mean logsumexp^2, + the forward pass's auxiliary
-    losses). Returns (loss, metrics).
+    losses). Returns (loss, metrics): ce, z, tokens, each auxiliary loss, and with a top-k MoE the
+    per-layer arrays [L_moe] of moe.metrics (moe_load_max, moe_load_min, moe_dropped).
 
     An optional batch["mask"] [B, T] weights the tokens (0 drops one, e.g. the padding rows of a
     last validation batch); metrics["tokens"] is the weight summed, for exact means over batches.
@@ -346,7 +381,8 @@ def loss_fn(params, batch, cfg: ModelConfig):
     loss = ce + cfg.z_loss * z if cfg.z_loss else ce
     for term in aux["losses"].values():   # already weighted by their coefficients
         loss = loss + term
-    return loss, {"ce": ce, "z": z, "tokens": tokens, **aux["losses"]}
+    stats = moe.metrics(aux["moe"]) if "moe" in aux else {}
+    return loss, {"ce": ce, "z": z, "tokens": tokens, **aux["losses"], **stats}
 
 
 # --- Summary -------------------------------------------------------------------------------------
@@ -359,6 +395,7 @@ def summary(cfg: ModelConfig) -> str:
         rows.append((name, "x".join(map(str, spec.shape)), ",".join(axis or "-" for axis in spec.axes),
                      f"{math.prod(spec.shape):,}"))
     return "\n".join([cli.format_table(rows, right=(3,)), f"total parameters: {count_params(cfg):,}",
+                      f"active parameters per token: {count_active_params(cfg):,}",
                       f"training FLOPs per token at seq_len {cfg.seq_len}: {flops_per_token(cfg, cfg.seq_len):,.0f}"])
 
 

@@ -17,13 +17,17 @@ GROUPS = ("hidden", "embed", "unembed", "scalar")
 
 
 def param_groups(cfg: Config) -> dict:
-    """Each parameter's optimizer group: hidden matrices, embeddings, the output head, or
-    scalars (norm gains and biases)."""
+    """Each parameter's optimizer group: hidden matrices, embeddings, the output heads, or
+    scalars (norm gains and biases). A MoE router [D, n_experts] is an output head too (a
+    classifier over experts) and trains with the unembedding: AdamW at unembed_lr, never Muon,
+    whose equal-singular-value update would move every expert's score direction alike."""
+    named = {"embed": "embed", "pos_embed": "embed", "unembed": "unembed", "router": "unembed"}
+
     def group(path, spec):
         name = getattr(path[-1], "key", None)
-        if spec.matrix is not None:
-            return "hidden"
-        return {"embed": "embed", "pos_embed": "embed", "unembed": "unembed"}.get(name, "scalar")
+        if name in named:
+            return named[name]
+        return "hidden" if spec.matrix is not None else "scalar"
     return jax.tree_util.tree_map_with_path(group, model.param_specs(cfg.model), is_leaf=model.is_spec)
 
 

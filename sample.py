@@ -194,8 +194,8 @@ def check_lengths(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: in
 
 
 # --- Loading -------------------------------------------------------------------------------------
-# A run's parameters come from checkpoint.find_checkpoint and checkpoint.restore_params (the
-# parameters alone, no optimizer built).
+# A run's parameters come from checkpoint.find_checkpoint and checkpoint.load_params (the
+# parameters alone, no optimizer built; a damaged newest step falls back to an older one).
 
 
 def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
@@ -225,6 +225,15 @@ def pick_tokenizer(cfg: Config, name: str | None):
 # --- Streaming -----------------------------------------------------------------------------------
 
 
+def token_bytes(enc, token: int) -> bytes:
+    """A token's bytes; an id the tokenizer lacks (a model vocabulary wider than its tokenizer,
+    whose extra rows an untrained model draws freely) shows as the text <|id:N|>."""
+    try:
+        return enc.decode_single_token_bytes(token)
+    except KeyError:
+        return f"<|id:{token}|>".encode()
+
+
 class Streamer:
     """Prints one sample's tokens as they arrive. Bytes are decoded incrementally, so a UTF-8
     character split over byte-level tokens prints once whole."""
@@ -237,7 +246,7 @@ class Streamer:
         token = int(token_B[0])
         self.stopped = self.stopped or token == self.stop_at
         if not self.stopped:
-            print(self.utf8.decode(self.enc.decode_single_token_bytes(token)), end="", flush=True)
+            print(self.utf8.decode(token_bytes(self.enc, token)), end="", flush=True)
 
     def close(self) -> None:
         print(self.utf8.decode(b"", final=True), flush=True)
@@ -276,7 +285,13 @@ def prompt_texts(args) -> list[str]:
         for path in args.prompt_file:
             if not Path(path).is_file():
                 raise SampleError(f"--prompt-file {path}: no such file")
-            texts.append(Path(path).read_text())
+            try:
+                texts.append(Path(path).read_text(encoding="utf-8"))
+            except UnicodeDecodeError as err:
+                raise SampleError(f"--prompt-file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} "
+                                  f"at offset {err.start}); save it as UTF-8") from None
+            except OSError as err:
+                raise SampleError(f"--prompt-file {path}: {err.strerror}") from None
             if not texts[-1]:
                 raise SampleError(f"--prompt-file {path} is empty; give some text to continue")
         return texts
@@ -292,8 +307,9 @@ def model_source(args) -> tuple[Config, Callable[[], dict]]:
     if args.run:
         if args.overrides or args.random_init:
             raise SampleError("--run takes no overrides or --random-init; those go with --config")
-        cfg, directory, step = checkpoint.find_checkpoint(args.run, args.step)
-        return cfg, lambda: checkpoint.restore_params(cfg, directory, step)
+        cfg, directory, _ = checkpoint.find_checkpoint(args.run, args.step)
+        # Without --step: the newest step whose parameters read back whole (damaged ones are named).
+        return cfg, lambda: checkpoint.load_params(cfg, directory, args.step)[1]
     if not args.config or not args.random_init:
         raise SampleError("give --run runs/NAME, or --config configs/NAME.py --random-init")
     if args.step is not None:
@@ -327,7 +343,8 @@ def sample_main(args) -> None:
     if streamer:
         return streamer.close()
     for i, ((text, _), out) in enumerate(zip(rows, outs)):
-        print(("---\n" if i else "") + text + enc.decode_bytes(out).decode("utf-8", errors="replace"))
+        new = b"".join(token_bytes(enc, token) for token in out)
+        print(("---\n" if i else "") + text + new.decode("utf-8", errors="replace"))
 
 
 def main(argv=None) -> None:

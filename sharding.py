@@ -2,8 +2,13 @@
 
 The only module that knows about devices. Parameters carry logical axis names (model.param_specs);
 one small rules table per strategy maps those names onto the mesh axes (the int fields of
-MeshConfig: data, fsdp, tensor). A dimension that does not divide its mesh axis falls back to
-replication, and the placement table says so.
+MeshConfig: data, fsdp, tensor, expert). A dimension that does not divide its mesh axis falls back
+to replication, and the placement table says so; the expert axis must divide n_experts.
+
+Expert parallelism: every strategy splits the experts' stacked weights over the `expert` axis (a
+no-op at expert=1), and the batch is split over it too, as an extra data-parallel axis (as
+MaxText does), so no device idles outside the MoE layers. XLA's partitioner places the dispatch;
+the model names no devices.
 """
 from __future__ import annotations
 
@@ -21,9 +26,10 @@ from configs.load import load_config, preset_names, preset_path
 
 MESH_AXES = MeshConfig.axes()
 RULES = {
-    "dp": {},                                                         # everything replicated
-    "fsdp": {"embed": "fsdp"},                                        # ZeRO-3 style, along d_model
-    "tp": {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor"},  # Megatron column/row split
+    "dp": {"expert": "expert"},                                       # all but experts replicated
+    "fsdp": {"embed": "fsdp", "expert": "expert"},                    # ZeRO-3 style, along d_model
+    "tp": {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",  # Megatron column/row split
+           "expert": "expert"},
 }
 
 
@@ -89,7 +95,17 @@ def partition_spec(name: str, spec: model.ParamSpec, rules: dict, mesh) -> tuple
     return PartitionSpec(*parts), "; ".join(notes)
 
 
+def check_experts(model_cfg, mesh) -> None:
+    """The expert axis splits the experts evenly (without experts it is one more data axis)."""
+    size = mesh.shape["expert"]
+    if size > 1 and model_cfg.n_experts and model_cfg.n_experts % size:
+        divisors = [d for d in range(1, model_cfg.n_experts + 1) if model_cfg.n_experts % d == 0]
+        raise ShardingError(f"mesh.expert={size} does not divide model.n_experts={model_cfg.n_experts}; "
+                            f"use mesh.expert in {divisors}")
+
+
 def param_shardings(model_cfg, strategy: str, mesh: Mesh) -> dict:
+    check_experts(model_cfg, mesh)
     rules = rules_for(strategy)
     def one(path, spec):
         return NamedSharding(mesh, partition_spec(jax.tree_util.keystr(path), spec, rules, mesh)[0])
@@ -98,8 +114,7 @@ def param_shardings(model_cfg, strategy: str, mesh: Mesh) -> dict:
 
 def state_shardings(abstract_state: dict, params: dict, mesh: Mesh) -> dict:
     """Optimizer slots shaped like a parameter (Adam's moments, Muon's momentum) follow it: their
-    tree path ends with the parameter's path. The rest (counts, step, RNG) is replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
+    tree path ends with the parameter's path. The rest (counts, the step) is replicated."""
     shapes = dict(jax.tree_util.tree_flatten_with_path(abstract_state["params"])[0])
     by_path = {path: (sharding, shapes[path].shape)
                for path, sharding in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -109,23 +124,36 @@ def state_shardings(abstract_state: dict, params: dict, mesh: Mesh) -> dict:
             sharding, shape = by_path.get(tuple(path[start:]), (None, None))
             if sharding is not None and shape == leaf.shape:
                 return sharding
-        return replicated
+        return replicated(mesh)
     opt = jax.tree_util.tree_map_with_path(slot, abstract_state["opt_state"])
-    return {**{k: replicated for k in abstract_state}, "params": params, "opt_state": opt}
+    return {**{name: replicated(mesh) for name in abstract_state}, "params": params, "opt_state": opt}
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array: scalars, metrics, the step counter."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+DATA_AXES = ("data", "fsdp", "expert")    # the batch's rows split over these
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batch rows split over every data-parallel device: data x fsdp."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    """Batch rows split over every data-parallel device: data x fsdp x expert."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways batch_sharding splits the rows."""
+    return math.prod(mesh.shape[axis] for axis in DATA_AXES)
 
 
 def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
-    """Every micro-batch must split evenly over the data-parallel devices (data x fsdp)."""
-    dp, micro = mesh.shape["data"] * mesh.shape["fsdp"], batch_size // grad_accum
+    """Every micro-batch must split evenly over the data-parallel devices (data x fsdp x expert)."""
+    dp, micro = data_parallel_size(mesh), batch_size // grad_accum
     if micro % dp:
         raise ShardingError(f"train.batch_size={batch_size} (micro-batches of {micro} with train.grad_accum="
                             f"{grad_accum}) does not divide over the data-parallel size {dp} (mesh data x "
-                            f"fsdp); use a batch size that is a multiple of {dp * grad_accum}")
+                            f"fsdp x expert); use a batch size that is a multiple of {dp * grad_accum}")
 
 
 def bytes_per_device(shape, dtype, sharding: NamedSharding) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import signal
@@ -34,8 +35,12 @@ import model
 import optimizer
 import plot
 import sharding
+import tasks
 from configs.base import Config, ConfigError
 from configs.load import config_to_dict, load_config
+
+# tensorboardX warns about every non-finite scalar; the non-finite guard reports it in one line.
+logging.getLogger("tensorboardX").setLevel(logging.ERROR)
 
 # --- Command line --------------------------------------------------------------------------------
 
@@ -134,9 +139,9 @@ def train_step(state, batch, cfg: Config, tx, schedule):
 
 def compile_step(cfg: Config, tx, schedule, mesh, shardings: dict):
     """The jitted step: the state donated and kept in its layout, the batch split over (data, fsdp)."""
-    replicated = sharding.NamedSharding(mesh, sharding.PartitionSpec())
     return jax.jit(lambda state, batch: train_step(state, batch, cfg, tx, schedule), donate_argnums=0,
-                   in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, replicated))
+                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)))
 
 
 def eval_step(params, batch, cfg: Config):
@@ -148,11 +153,11 @@ def eval_step(params, batch, cfg: Config):
 def initial_state(cfg: Config, tx, manager, init_from: str | None, shardings: dict) -> dict:
     """Resume from the run's latest checkpoint, else start from --init-from's parameters or from a
     fresh init; either way created directly in its sharded layout (restores reshard on load)."""
-    step = manager.latest_step()
-    if step is not None:
-        abstract = jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-                                abstract_state(cfg, tx), shardings)
-        got = checkpoint.restore(manager, step, abstract)
+    abstract = jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+                            abstract_state(cfg, tx), shardings)
+    resumed = checkpoint.resume(manager, abstract)    # the newest intact step; damaged ones moved aside
+    if resumed is not None:
+        step, got = resumed
         say(f"resuming from step {step} ({manager.directory})")
         return {"params": got["params"], "opt_state": got["opt_state"], **got["meta"]}
     state = jax.jit(init_state, static_argnums=(0, 1), out_shardings=shardings)(cfg, tx)
@@ -160,10 +165,10 @@ def initial_state(cfg: Config, tx, manager, init_from: str | None, shardings: di
         source = Path(init_from)
         source = source / "checkpoints" if (source / "checkpoints").is_dir() else source
         with checkpoint.checkpoint_manager(source, keep=1) as other:
-            source_step = other.latest_step()
-        if source_step is None:
+            latest = other.latest_step()
+        if latest is None:
             raise ConfigError(f"--init-from {init_from}: no checkpoint found in {source}")
-        params = checkpoint.restore_params(cfg, source, source_step, shardings["params"])
+        source_step, params = checkpoint.load_params(cfg, source, shardings=shardings["params"])
         say(f"initialized parameters from {source} step {source_step}")
         opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
         state = {**state, "params": params, "opt_state": opt_state}
@@ -218,7 +223,10 @@ class Logger:
         if self.peak:
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak * jax.device_count())
         for name, value in record.items():
-            if name != "step":
+            if isinstance(value, list):   # a per-layer metric (MoE load, drops): one curve per layer
+                for layer, item in enumerate(value):
+                    self.writer.add_scalar(f"{name}/{layer}", item, step)
+            elif name != "step":
                 self.writer.add_scalar(name, value, step)
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
@@ -257,6 +265,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, args):
         self.cfg, self.dir = cfg, run_dir(cfg)
+        data.check_dataset(cfg)    # missing data or an unwritable run_dir: one line before anything is built
+        checkpoint.prepare_run_dir(self.dir)
         self.mesh = sharding.make_mesh(cfg.mesh)
         sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, self.mesh)
         self.tx, schedule = optimizer.make_optimizer(cfg)
@@ -270,9 +280,10 @@ class Trainer:
         self.batches = data.train_batches(cfg, self.start, *process)
         self.val = [self.to_global(b) for b in data.val_batches(cfg, *process)]
         self.val_bytes = data.val_bytes(cfg)
+        self.tasks = tasks.TaskRunner(cfg, self.mesh)    # eval.tasks, read and checked before training
         self.step_fn = compile_step(cfg, self.tx, schedule, self.mesh, shardings)
-        replicated = sharding.NamedSharding(self.mesh, sharding.PartitionSpec())
-        self.eval_fn = jax.jit(lambda params, batch: eval_step(params, batch, cfg), out_shardings=replicated)
+        self.eval_fn = jax.jit(lambda params, batch: eval_step(params, batch, cfg),
+                               out_shardings=sharding.replicated(self.mesh))
         self.pending = None
         self.logger = None
         if jax.process_index() == 0:  # one writer: process 0 logs and writes the config
@@ -292,15 +303,15 @@ class Trainer:
             return
         step, metrics, val = jax.device_get(self.pending)
         self.pending = None
-        metrics = {name: float(value) for name, value in metrics.items()}
+        metrics = {name: value.tolist() for name, value in metrics.items()}   # floats, or per-layer lists
         if not math.isfinite(metrics["loss"]):
-            last = self.manager.latest_step()
             self.manager.wait_until_finished()
-            raise SystemExit(f"error: non-finite loss {metrics['loss']} at step {step}; nothing saved "
-                             f"for it, the last good checkpoint is step {last} in {self.manager.directory}")
+            raise SystemExit(f"error: non-finite loss {metrics['loss']} at step {step}; nothing saved for it, "
+                             f"{checkpoint.newest_text(self.manager)}"
+                             f"{checkpoint.divergence_hint(self.cfg)}")
         if val is not None:
             total, tokens = float(val[0]), float(val[1])
-            val = {"val_loss": total / tokens}
+            val = {"val_loss": total / tokens, **val[2]}    # and each eval.tasks NAME/acc_norm, NAME/acc
             if self.val_bytes:
                 val["val_bpb"] = total / (math.log(2) * self.val_bytes)
         train_cfg = self.cfg.train
@@ -318,7 +329,7 @@ class Trainer:
             self.state, metrics = self.step_fn(self.state, self.to_global(next(self.batches)))
             val = None
             if done % self.cfg.eval.every == 0 or done == train_cfg.steps:
-                val = evaluate(self.eval_fn, self.state["params"], self.val)
+                val = (*evaluate(self.eval_fn, self.state["params"], self.val), self.tasks(self.state["params"]))
             self.flush()  # the previous step's metrics: this step is already queued
             self.pending = (done, metrics, val)
             if done % train_cfg.ckpt_every == 0 or done == end or stop.name:
@@ -357,7 +368,11 @@ def main(argv=None) -> None:
         trainer = Trainer(load_config(args.config, args.overrides), args)
     except ConfigError as err:
         raise SystemExit(f"error: {err}")
-    trainer.run(args.stop_after)
+    try:
+        trainer.run(args.stop_after)
+    except ConfigError as err:    # a bad batch, a non-finite state: the checkpoints saved so far stay
+        trainer.manager.wait_until_finished()
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """An independent float64 NumPy implementation of the model, written plainly (per-head loops,
-kv heads repeated, explicit masks) to check layers.py and model.py against."""
+kv heads repeated, explicit masks, a per-token loop over the chosen experts) to check layers.py,
+moe.py and model.py against."""
 import math
 
 import numpy as np
@@ -117,23 +118,79 @@ def mlp(p, x, cfg):
     return h @ p["w_out"] + p.get("b_out", 0.0)
 
 
-def forward(params, tokens_BT, cfg):
-    """float64 logits [B, T, vocab_size]; params: the JAX tree as numpy arrays."""
-    params = {k: v for k, v in params.items()}
-    blocks = params["blocks"]
-    logits = []
+def expert(p, e, x, cfg):
+    """Routed expert e's MLP on one row x [D]."""
+    return mlp({name: w[e] for name, w in p.items() if name in ("w_in", "w_out", "b_in", "b_out")}, x, cfg)
+
+
+def topk_moe(p, x_TD, cfg, record):
+    """One sequence, token by token: softmax over all experts, the top_k renormalized; an expert
+    takes at most C = ceil(c * top_k * T / X) assignments, first come first served in token order.
+    Appends (logits, chosen experts, dropped count) of each token to `record`."""
+    t_len, n_experts, k = len(x_TD), cfg.n_experts, cfg.top_k
+    capacity = math.ceil(cfg.capacity_factor * k * t_len / n_experts) if cfg.capacity_factor else None
+    used, out = [0] * n_experts, np.zeros_like(x_TD)
+    for t in range(t_len):
+        logits = x_TD[t] @ p["router"]
+        probs = softmax(logits)
+        chosen = list(np.argsort(-probs)[:k])
+        dropped = 0
+        for e in chosen:
+            if capacity is not None and used[e] >= capacity:
+                dropped += 1
+                continue
+            used[e] += 1
+            out[t] += probs[e] / sum(probs[chosen]) * expert(p, e, x_TD[t], cfg)
+        record.append((logits, chosen, dropped))
+    return out
+
+
+def soft_moe(p, x_TD, cfg):
+    """Soft MoE: slot s (of expert s // P) takes a softmax-over-tokens mix of the sequence; each
+    token a softmax-over-slots mix of the slots' outputs."""
+    logits_TS = x_TD @ p["router"]
+    dispatch_ST = softmax(logits_TS.T)
+    combine_TS = softmax(logits_TS)
+    per_expert = logits_TS.shape[1] // cfg.n_experts
+    outputs = np.stack([expert(p, s // per_expert, dispatch_ST[s] @ x_TD, cfg) for s in range(len(dispatch_ST))])
+    return combine_TS @ outputs
+
+
+def ffn(kind, p, x, cfg, record):
+    if kind == "dense":
+        return mlp(p, x, cfg)
+    y = soft_moe(p, x, cfg) if cfg.router == "soft" else topk_moe(p, x, cfg, record)
+    return y + mlp(p["shared"], x, cfg) if "shared" in p else y
+
+
+def layer_kinds(cfg):
+    """(kind, index in that kind's stack) per layer: with experts, layers moe_every - 1,
+    2 moe_every - 1, ... are MoE layers."""
+    kinds = []
+    for i in range(cfg.n_layers):
+        moe_before = (i + 1) // cfg.moe_every if cfg.n_experts else 0
+        is_moe = cfg.n_experts and (i + 1) % cfg.moe_every == 0
+        kinds.append(("moe", moe_before - 1) if is_moe else ("dense", i - moe_before))
+    return kinds
+
+
+def forward(params, tokens_BT, cfg, aux=None):
+    """float64 logits [B, T, vocab_size]; params: the JAX tree as numpy arrays. A dict passed as
+    `aux` receives the MoE losses (weighted) and statistics, as model.forward's aux."""
+    stacks = {"dense": params.get("blocks"), "moe": params.get("moe_blocks")}
+    logits, records = [], {}
     for row in np.asarray(tokens_BT):
         x = params["embed"][row].astype(np.float64)
         if cfg.pos == "learned":
             x = x + params["pos_embed"][: len(row)]
-        for layer in range(cfg.n_layers):
-            p = _layer(blocks, layer)
+        for layer, (kind, index) in enumerate(layer_kinds(cfg)):
+            p, record = _layer(stacks[kind], index), records.setdefault(layer, [])
             if cfg.norm_position == "pre":
                 x = x + attention(p["attn"], norm(p.get("attn_norm", {}), x, cfg), cfg)
-                x = x + mlp(p["mlp"], norm(p.get("mlp_norm", {}), x, cfg), cfg)
+                x = x + ffn(kind, p["mlp"], norm(p.get("mlp_norm", {}), x, cfg), cfg, record)
             else:
                 x = norm(p.get("attn_norm", {}), x + attention(p["attn"], x, cfg), cfg)
-                x = norm(p.get("mlp_norm", {}), x + mlp(p["mlp"], x, cfg), cfg)
+                x = norm(p.get("mlp_norm", {}), x + ffn(kind, p["mlp"], x, cfg, record), cfg)
         if cfg.norm_position == "pre":
             x = norm(params.get("final_norm", {}), x, cfg)
         w = params["embed"].T if cfg.tie_embeddings else params["unembed"]
@@ -141,7 +198,28 @@ def forward(params, tokens_BT, cfg):
         if cfg.logit_softcap:
             z = cfg.logit_softcap * np.tanh(z / cfg.logit_softcap)
         logits.append(z)
+    if aux is not None:
+        aux.update(moe_aux([r for r in records.values() if r], cfg))
     return np.stack(logits)
+
+
+def moe_aux(layers, cfg):
+    """Over all tokens of the batch, per MoE layer: load f_e (share of the assignments), mean
+    router probability P_e; loss X sum_e f_e P_e; z-loss mean logsumexp^2; dropped share."""
+    out = {"moe_aux": 0.0, "moe_z": 0.0, "load": [], "dropped": []}
+    for record in layers:
+        counts, probs, z, dropped = np.zeros(cfg.n_experts), 0.0, 0.0, 0
+        for logits, chosen, drops in record:
+            counts[chosen] += 1
+            probs = probs + softmax(logits)
+            z += (np.log(np.sum(np.exp(logits - logits.max()))) + logits.max()) ** 2
+            dropped += drops
+        load = counts / counts.sum()
+        out["moe_aux"] += cfg.aux_loss * cfg.n_experts * np.sum(load * probs / len(record))
+        out["moe_z"] += cfg.router_z_loss * z / len(record)
+        out["load"].append(load)
+        out["dropped"].append(dropped / counts.sum())
+    return out
 
 
 def _layer(tree, i):

@@ -14,6 +14,8 @@ PRESET_PARAMS = {
     "modern_160m": 181_075_968,
     "micro_26m": 25_829_888,
     "quickstart": 3_295_488,
+    "dense_tiny": 3_295_488,      # moe_tiny's dense twin: its active parameters less the routers
+    "moe_tiny": 9_791_744,        # 8 experts of 352, top-2: 3,303,680 active per token
 }
 
 

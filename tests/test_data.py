@@ -263,6 +263,16 @@ def test_val_bytes_none_without_tokenizer(dataset, monkeypatch):
     assert data.val_bytes(make_cfg(dataset)) is None
 
 
+def test_every_read_checks_its_ids_against_the_vocabulary():
+    """A uint32 id of 2**31 or more wraps negative in the int32 batch: reported as stored."""
+    tokens = np.array([1, 2, 3, 2**31 + 5, 4, 5, 6, 7, 8, 9], np.uint32)
+    source = data.WindowSource([tokens], 5, None, 257, ["x.bin"])
+    assert source.read([1]).tolist() == [[4, 5, 6, 7, 8]]      # windows share their end token
+    with pytest.raises(data.DataError, match=r"^x.bin: token id 2147483653 at token offset 3 is outside the "
+                                             r"model's vocabulary \(model.vocab_size=257\)"):
+        source.read([1, 0])
+
+
 @pytest.mark.parametrize("overrides, call, message", [
     (["model.vocab_size=200"], "train", "train_000000.bin: token id 25"),
     (["model.seq_len=5000"], "train", "model.seq_len=5000 needs a window of 5,001 tokens, but the train"),
@@ -410,7 +420,7 @@ def test_cli_inspect(corpus, capsys):
 
 
 def test_cli_reports_one_line_errors(tmp_path):
-    with pytest.raises(SystemExit, match=r"^corpus.py inspect: error: .*tokenizer.json is missing"):
+    with pytest.raises(SystemExit, match=r"^error: .*tokenizer.json is missing"):
         corpus_tool.main(["inspect", str(tmp_path)])
     with pytest.raises(SystemExit, match="matches no files"):
         corpus_tool.main(["prepare", "--input", str(tmp_path / "*.md"), "--tokenizer", "bytes",

@@ -1,6 +1,6 @@
 """The dependency order, read from the source with `ast`: every project import points down.
 
-    cli, configs -> layers, data -> model -> sharding -> checkpoint, optimizer
+    cli, configs -> layers, data -> moe -> model -> sharding -> checkpoint, optimizer
                  -> train, sample, evaluate -> tools (bench, benchmarks/, corpus)
 
 A module imports only modules of a lower rank, so there is no cycle, no library module imports a
@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 RANKS = {
     "cli": 0, "configs": 0,
     "layers": 1, "data": 1,
+    "moe": 1.5,     # imports layers; imported by model and the twin
     "model": 2, "torch/model": 2,
     "sharding": 3,
     "checkpoint": 4, "optimizer": 4, "plot": 4, "tasks": 4,

@@ -279,9 +279,9 @@ def _doubled_dense(monkeypatch):
     auxiliary loss, and a pattern alternating it with dense blocks: one registry entry."""
     dense = model.FFN_KINDS["dense"]
 
-    def apply(p, x_ND, cfg):
-        y_ND, _ = dense.apply(p, x_ND, cfg)
-        return 2.0 * y_ND, {"double_aux": jnp.mean(jnp.square(y_ND))}
+    def apply(p, x_ND, cfg, batch):
+        y_ND, _ = dense.apply(p, x_ND, cfg, batch)
+        return 2.0 * y_ND, {"losses": {"double_aux": jnp.mean(jnp.square(y_ND))}}
     monkeypatch.setitem(model.FFN_KINDS, "double", model.FFNKind(
         specs=dense.specs, apply=apply, matmul_params=dense.matmul_params, params_key="double_blocks"))
     monkeypatch.setattr(model, "block_pattern", lambda cfg: ("dense", "double", "dense"))
@@ -297,8 +297,8 @@ def _layer_by_layer(params, toks, cfg):
         stack = params[model.FFN_KINDS[kind].params_key]
         p = jax.tree.map(lambda w: w[taken[kind]], stack)
         taken[kind] += 1
-        x_ND, _, losses = model.block(p, x_ND, cfg, kind, b, jnp.arange(t))
-        aux = aux + sum(losses.values())
+        x_ND, _, block_aux = model.block(p, x_ND, cfg, kind, b, jnp.arange(t))
+        aux = aux + sum(block_aux.get("losses", {}).values())
     x_ND = model.layers.norm(params["final_norm"], x_ND, cfg)
     return model.layers.unembed(params["embed"].T, x_ND, cfg).reshape(b, t, -1), aux
 

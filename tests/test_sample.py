@@ -130,6 +130,20 @@ def test_streamer_decodes_utf8_across_tokens_and_stops_at_eot(capsys):
     assert capsys.readouterr().out == "\n"
 
 
+def test_an_id_the_tokenizer_lacks_prints_as_its_number(capsys):
+    """A model vocabulary wider than its tokenizer: an untrained model draws the extra ids freely.
+    Streamed or not, they print as <|id:N|> and the sample goes on."""
+    args = ["--config", "configs/quickstart.py", "--random-init", "model.vocab_size=4000", "model.n_layers=1",
+            "model.d_model=32", "model.n_heads=2", "model.seq_len=32", "--tokenizer", "bytes", "--prompt", "a",
+            "--max-new-tokens", "20", "--temperature", "3"]
+    sample.main(args)
+    streamed = capsys.readouterr().out
+    assert streamed.startswith("a") and "<|id:" in streamed
+    sample.main(args + ["--num-samples", "2"])
+    assert capsys.readouterr().out.split("---\n")[0] == streamed
+    assert sample.token_bytes(data.get_tokenizer("bytes"), 3999) == b"<|id:3999|>"
+
+
 # --- Errors --------------------------------------------------------------------------------------
 
 RANDOM = ["--config", "configs/quickstart.py", "--random-init", "model.n_layers=1", "model.d_model=32",

@@ -144,7 +144,7 @@ def test_errors_before_compiling(corpus, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: train.batch_size=6 (micro-batches of 6 with train.grad_accum=1) does not divide over the "
-        "data-parallel size 4 (mesh data x fsdp); use a batch size that is a multiple of 4")
+        "data-parallel size 4 (mesh data x fsdp x expert); use a batch size that is a multiple of 4")
     proc = train(corpus, tmp_path / "r", "mesh.data=3", devices=4, check=False)
     assert proc.returncode == 1 and "does not match the 4 devices" in proc.stderr.strip().splitlines()[-1]
     with pytest.raises(ConfigError, match="mesh.strategy='zero3' is not valid"):

@@ -253,16 +253,20 @@ def test_sigterm_saves_then_resumes(corpus, tmp_path):
     assert f"resuming from step {stopped}" in resumed.stdout and saved_steps(run)[-1] == stopped + 2
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tiny_run, tmp_path):
+@pytest.mark.parametrize("every, check", [(1, "non-finite state"), (100, "non-finite loss")])
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(corpus, tiny_run, tmp_path, every, check):
+    """The state is checked before each save, the loss at every step: either stops the run in one
+    line naming the step, the last good checkpoint and the config value to blame."""
     run = copy_run(tiny_run, tmp_path / "run")
-    proc = run_train(corpus, run, "train.steps=30", "train.ckpt_every=1", "optim.lr=1e30",
+    proc = run_train(corpus, run, "train.steps=30", f"train.ckpt_every={every}", "optim.lr=1e30",
                      "optim.schedule=constant", check=False)
-    assert proc.returncode != 0
-    message = proc.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: non-finite loss") and "at step" in message
-    bad = int(message.split("at step ")[1].split(";")[0])
+    assert proc.returncode == 1
+    message = proc.stderr.strip()
+    assert message.startswith(f"error: {check}") and "\n" not in message
+    bad = int(message.split("at step ")[1].split(":")[0].split(";")[0])
     assert saved_steps(run) and all(step < bad for step in saved_steps(run))
     assert f"the last good checkpoint is step {max(saved_steps(run))}" in message
+    assert message.endswith("likely culprit: optim.lr=1e+30, far above any sane learning rate (< 1)")
 
 
 def test_checkpoint_of_another_shape_fails_in_one_line(corpus, tiny_run, tmp_path):

@@ -9,8 +9,12 @@ weights stay stacked on a leading layer axis (`blocks.attn.wqkv` is params["bloc
 This folder has no __init__.py, so `import torch` still finds PyTorch; load this file by path:
     spec = importlib.util.spec_from_file_location("torch_model", "torch/model.py")
 
+Mixture-of-experts blocks (moe_blocks) follow model.py's pattern and moe.py's routing, written
+again here: each expert runs on the rows that chose it (gathered, then index_add), capacity in
+token order per sequence; only sizes (expert_ff, capacity, router width) come from moe.py.
+
 Shape suffixes as in layers.py: B batch, T sequence, N = B*T, D d_model, H query heads,
-K kv heads, G = H // K, E head_dim, F MLP hidden, V vocabulary.
+K kv heads, G = H // K, E head_dim, F MLP hidden, V vocabulary, X experts, A = top_k.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import layers
+import moe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -45,10 +50,35 @@ def _norm_specs(cfg, shape):
     return specs | ({"bias": (shape, nn.init.zeros_)} if cfg.norm_bias else {})
 
 
-def _block_specs(cfg):
-    L, D, H, K, E, Fh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+def _mlp_specs(cfg, lead, Fh, hidden, out_scale):
+    """An MLP's weights stacked over the leading axes `lead` (layers, or layers and experts)."""
+    D, zeros = cfg.d_model, nn.init.zeros_
+    inner = (D, 2, Fh) if cfg.gated else (D, Fh)
+    mlp = {"w_in": (lead + inner, hidden(D, math.prod(inner[1:]))), "w_out": (lead + (Fh, D), hidden(Fh, D, out_scale))}
+    if cfg.mlp_bias:
+        mlp |= {"b_in": (lead + inner[1:], zeros), "b_out": (lead + (D,), zeros)}
+    return mlp
+
+
+def _moe_specs(cfg, L, hidden, out_scale):
+    """The router, the routed experts [L, X, ...] and the shared experts' one MLP."""
+    Fe, width = moe.expert_ff(cfg), moe.router_width(cfg)
+    specs = {"router": ((L, cfg.d_model, width), hidden(cfg.d_model, width)),
+             **_mlp_specs(cfg, (L, cfg.n_experts), Fe, hidden, out_scale)}
+    if cfg.n_shared_experts:
+        specs["shared"] = _mlp_specs(cfg, (L,), cfg.n_shared_experts * Fe, hidden, out_scale)
+    return specs
+
+
+def layer_kinds(cfg) -> list[str]:
+    """Each layer's FFN: with experts, every moe_every-th layer (counting from 1) is MoE."""
+    return ["moe" if cfg.n_experts and (i + 1) % cfg.moe_every == 0 else "dense" for i in range(cfg.n_layers)]
+
+
+def _block_specs(cfg, kind, L):
+    D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     G = H // K
-    out_scale = 0.0 if cfg.zero_init_out else (1 / math.sqrt(2 * L) if cfg.residual_scale else 1.0)
+    out_scale = 0.0 if cfg.zero_init_out else (1 / math.sqrt(2 * cfg.n_layers) if cfg.residual_scale else 1.0)
     hidden = lambda fan_in, fan_out, scale=1.0: _matrix_init(cfg.init, cfg.init_std, fan_in, fan_out, scale)
     zeros = nn.init.zeros_
     attn = {"wqkv": ((L, D, K, G + 2, E), hidden(D, K * (G + 2) * E)),
@@ -57,10 +87,8 @@ def _block_specs(cfg):
         attn |= {"bqkv": ((L, K, G + 2, E), zeros), "bo": ((L, D), zeros)}
     if cfg.qk_norm and cfg.norm_scale:
         attn |= {"q_norm": ((L, E), nn.init.ones_), "k_norm": ((L, E), nn.init.ones_)}
-    w_in = (L, D, 2, Fh) if cfg.gated else (L, D, Fh)
-    mlp = {"w_in": (w_in, hidden(D, math.prod(w_in[2:]))), "w_out": ((L, Fh, D), hidden(Fh, D, out_scale))}
-    if cfg.mlp_bias:
-        mlp |= {"b_in": ((L,) + w_in[2:], zeros), "b_out": ((L, D), zeros)}
+    mlp = _mlp_specs(cfg, (L,), cfg.d_ff, hidden, out_scale) if kind == "dense" else \
+        _moe_specs(cfg, L, hidden, out_scale)
     return {"attn_norm": _norm_specs(cfg, (L, D)), "attn": attn,
             "mlp_norm": _norm_specs(cfg, (L, D)), "mlp": mlp}
 
@@ -68,8 +96,10 @@ def _block_specs(cfg):
 def param_specs(cfg) -> dict:
     """Nested dict of (shape, init) mirroring model.param_specs, empty groups left out."""
     D, V = cfg.d_model, cfg.padded_vocab
+    kinds = layer_kinds(cfg)
     specs = {"embed": ((V, D), _matrix_init(cfg.embed_init, cfg.embed_std, D, V)),
-             "blocks": _block_specs(cfg)}
+             **{key: _block_specs(cfg, kind, kinds.count(kind))
+                for kind, key in (("dense", "blocks"), ("moe", "moe_blocks")) if kind in kinds}}
     if cfg.pos == "learned":
         specs["pos_embed"] = ((cfg.seq_len, D), _matrix_init(cfg.embed_init, cfg.embed_std, D, cfg.seq_len))
     if cfg.norm_position == "pre":
@@ -183,7 +213,7 @@ def mlp(p, x_ND, cfg):
         h = h + p["b_in"].to(dtype).reshape(-1)
     act = ACTIVATIONS[cfg.activation]
     if cfg.gated:
-        gate, up = h.view(-1, 2, cfg.d_ff).unbind(1)
+        gate, up = h.view(-1, 2, h.shape[-1] // 2).unbind(1)
         h = act(gate) * up
     else:
         h = act(h)
@@ -191,10 +221,63 @@ def mlp(p, x_ND, cfg):
     return y + p["b_out"].to(dtype) if "b_out" in p else y
 
 
-def block(p, x_ND, rope, batch, cfg):
-    """Attention then MLP, each with a residual, pre- or post-norm (model.block)."""
+def _experts(p) -> list[dict]:
+    """Per-expert views of the routed experts' weights (one unbind each, as _layers)."""
+    names = [name for name in ("w_in", "w_out", "b_in", "b_out") if name in p]
+    return [dict(zip(names, views)) for views in zip(*(p[name].unbind(0) for name in names))]
+
+
+def _kept(chosen_NA, batch, cfg):
+    """Which assignments an expert takes: all when dropless, else per sequence the first C in
+    token order."""
+    if cfg.capacity_factor is None:
+        return torch.ones_like(chosen_NA, dtype=torch.bool)
+    n, a = chosen_NA.shape
+    onehot = F.one_hot(chosen_NA.reshape(batch, -1), cfg.n_experts)
+    position = ((onehot.cumsum(1) - 1) * onehot).sum(-1)
+    return (position < moe.capacity(cfg, n // batch)).reshape(n, a)
+
+
+def topk_moe(p, x_ND, batch, cfg, losses):
+    """Softmax router in float32, top_k gates renormalized; each expert on its kept rows. Adds
+    the weighted load-balancing and z-losses into `losses`."""
+    X, k = cfg.n_experts, cfg.top_k
+    logits = x_ND.float() @ p["router"].float()
+    probs = logits.softmax(-1)
+    gate, chosen = probs.topk(k, dim=-1)
+    gate = gate / gate.sum(-1, keepdim=True)
+    kept = _kept(chosen, batch, cfg)
+    y = torch.zeros_like(x_ND)
+    for e, p_e in enumerate(_experts(p)):
+        rows, slot = torch.nonzero((chosen == e) & kept, as_tuple=True)
+        y = y.index_add(0, rows, mlp(p_e, x_ND[rows], cfg) * gate[rows, slot, None].to(x_ND.dtype))
+    load = F.one_hot(chosen, X).sum(1).float().mean(0) / k
+    losses["moe_aux"] = losses.get("moe_aux", 0.0) + cfg.aux_loss * X * (load * probs.mean(0)).sum()
+    losses["moe_z"] = losses.get("moe_z", 0.0) + cfg.router_z_loss * torch.logsumexp(logits, -1).square().mean()
+    return y
+
+
+def soft_moe(p, x_ND, batch, cfg):
+    """Soft MoE: slots mix the sequence (softmax over tokens), tokens mix the slots' outputs."""
+    D, X, dtype = cfg.d_model, cfg.n_experts, x_ND.dtype
+    x_BTD = x_ND.view(batch, -1, D)
+    logits = x_BTD.float() @ p["router"].float()
+    slots = torch.einsum("bts,btd->bsd", logits.softmax(1).to(dtype), x_BTD).view(batch, X, -1, D)
+    out = torch.stack([mlp(p_e, slots[:, e].reshape(-1, D), cfg).view(batch, -1, D)
+                       for e, p_e in enumerate(_experts(p))], 1)
+    return torch.einsum("bts,bsd->btd", logits.softmax(2).to(dtype), out.view(batch, -1, D)).reshape(x_ND.shape)
+
+
+def moe_ffn(p, x_ND, batch, cfg, losses):
+    y = soft_moe(p, x_ND, batch, cfg) if cfg.router == "soft" else topk_moe(p, x_ND, batch, cfg, losses)
+    return y + mlp(p["shared"], x_ND, cfg) if "shared" in p else y
+
+
+def block(p, x_ND, rope, batch, cfg, kind="dense", losses=None):
+    """Attention then the FFN of its kind, each with a residual, pre- or post-norm (model.block);
+    a MoE block adds its auxiliary losses into `losses`."""
     attn = lambda h: attention(p["attn"], h, rope, batch, cfg)
-    ff = lambda h: mlp(p["mlp"], h, cfg)
+    ff = lambda h: mlp(p["mlp"], h, cfg) if kind == "dense" else moe_ffn(p["mlp"], h, batch, cfg, losses)
     if cfg.norm_position == "pre":
         x_ND = x_ND + attn(norm(p.get("attn_norm", {}), x_ND, cfg))
         return x_ND + ff(norm(p.get("mlp_norm", {}), x_ND, cfg))
@@ -213,10 +296,15 @@ def _layers(blocks: dict) -> list[dict]:
 
 
 def _module(specs: dict, dtype) -> nn.Module:
-    """Nested specs -> ModuleDict of ParameterDicts, so parameter names are the dotted JAX paths."""
-    if all(isinstance(v, tuple) for v in specs.values()):
-        return nn.ParameterDict({k: nn.Parameter(torch.empty(shape, dtype=dtype)) for k, (shape, _) in specs.items()})
-    return nn.ModuleDict({k: _module(v, dtype) for k, v in specs.items()})
+    """Nested specs -> nested modules holding parameters and submodules (a MoE's `mlp` has both),
+    so parameter names are the dotted JAX paths."""
+    module = nn.Module()
+    for name, spec in specs.items():
+        if isinstance(spec, dict):
+            module.add_module(name, _module(spec, dtype))
+        else:
+            module.register_parameter(name, nn.Parameter(torch.empty(spec[0], dtype=dtype)))
+    return module
 
 
 class GPT(nn.Module):
@@ -239,8 +327,10 @@ class GPT(nn.Module):
         # A buffer, not a parameter: it follows .to(device) and stays out of the parameter tree.
         self.register_buffer("inv_freq", torch.tensor(inv_freq, dtype=torch.float32), persistent=False)
 
-    def forward(self, tokens_BT):
+    def forward(self, tokens_BT, losses=None):
+        """A dict passed as `losses` receives the MoE blocks' auxiliary losses (weighted, summed)."""
         cfg = self.cfg
+        losses = {} if losses is None else losses
         params = to_tree(self.named_parameters())
         b, t = tokens_BT.shape
         dtype = DTYPES[cfg.compute_dtype]
@@ -248,8 +338,10 @@ class GPT(nn.Module):
         if cfg.pos == "learned":
             x_ND = (x_ND.view(b, t, -1) + params["pos_embed"][:t].to(dtype)).view(b * t, -1)
         rope = rope_tables(t, self.inv_freq, self.mscale) if cfg.pos == "rope" else None
-        for p in _layers(params["blocks"]):
-            x_ND = block(p, x_ND, rope, b, cfg)
+        stacks = {kind: iter(_layers(params[key])) for kind, key in (("dense", "blocks"), ("moe", "moe_blocks"))
+                  if key in params}
+        for kind in layer_kinds(cfg):
+            x_ND = block(next(stacks[kind]), x_ND, rope, b, cfg, kind, losses)
         if cfg.norm_position == "pre":
             x_ND = norm(params.get("final_norm", {}), x_ND, cfg)
         w_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
@@ -260,9 +352,10 @@ class GPT(nn.Module):
         return logits.view(b, t, -1)
 
     def loss(self, inputs_BT, targets_BT, mask_BT=None):
-        """Mean next-token cross-entropy (+ z_loss * mean logsumexp^2), as model.loss_fn: an
-        optional mask weights the tokens. Returns (loss, metrics)."""
-        logits_BTV = self(inputs_BT)
+        """Mean next-token cross-entropy (+ z_loss * mean logsumexp^2, + the MoE losses), as
+        model.loss_fn: an optional mask weights the tokens. Returns (loss, metrics)."""
+        aux = {}
+        logits_BTV = self(inputs_BT, aux)
         lse_BT = torch.logsumexp(logits_BTV, dim=-1)
         target_BT = logits_BTV.gather(-1, targets_BT[..., None])[..., 0]
         weights_BT = torch.ones_like(lse_BT) if mask_BT is None else mask_BT.float()
@@ -270,7 +363,7 @@ class GPT(nn.Module):
         mean = lambda x_BT: (weights_BT * x_BT).sum() / tokens.clamp(min=1.0)
         ce, z = mean(lse_BT - target_BT), mean(torch.square(lse_BT))
         loss = ce + self.cfg.z_loss * z if self.cfg.z_loss else ce
-        return loss, {"ce": ce, "z": z, "tokens": tokens}
+        return loss + sum(aux.values()), {"ce": ce, "z": z, "tokens": tokens, **aux}
 
     @torch.no_grad()
     def load_params(self, params: dict) -> None:
