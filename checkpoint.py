@@ -54,20 +54,40 @@ def warn(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def _drop_orbax_leftovers() -> None:
+    """After a read fails, Orbax abandons the others: they report themselves when collected, or
+    later from its threads into the event loop it has closed, through sys.unraisablehook and the
+    asyncio logger ("Task exception was never retrieved"). Filter those for good (installed once);
+    anything else passes."""
+    hook = sys.unraisablehook
+    if getattr(hook, "drops_orbax_leftovers", False):
+        return
+    marks = ("_read_array_index", "async_deserialize", "event loop is closed", "ocdbt", "tensorstore")
+
+    def leftover(text: str) -> bool:
+        return any(mark in text.lower() for mark in marks)
+
+    def filtered(unraisable):
+        if not leftover(f"{unraisable.object!r} {unraisable.exc_value!r}"):
+            hook(unraisable)
+    filtered.drops_orbax_leftovers = True
+    sys.unraisablehook = filtered
+    logging.getLogger("asyncio").addFilter(lambda record: not leftover(record.getMessage()))
+
+
 @contextlib.contextmanager
 def quiet():
-    """Mute what Orbax prints around a damaged checkpoint (absl warnings, and tracebacks of the read
-    coroutines it abandons after the error we catch), so the caller reports it in one line."""
-    absl, hook = logging.getLogger("absl"), sys.unraisablehook
+    """Mute what Orbax prints around a damaged checkpoint (absl warnings, leftovers of abandoned
+    reads), so the caller reports it in one line."""
+    _drop_orbax_leftovers()
+    absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.CRITICAL)
-    sys.unraisablehook = lambda unraisable: None
     try:
         yield
     finally:
-        gc.collect()    # the abandoned coroutines complain when collected: collect them while muted
+        gc.collect()    # most leftovers come as the abandoned reads are collected
         absl.setLevel(level)
-        sys.unraisablehook = hook
 
 
 def describe(err: BaseException) -> str:
@@ -94,9 +114,8 @@ def checkpoint_manager(directory: Path, keep: int | None, read_only: bool = Fals
 
 
 def prepare_run_dir(directory: Path) -> None:
-    """Create the run directory and make sure this process can write where a run writes (logs,
-    config.json, checkpoints/), so a misplaced or read-only train.run_dir fails in one line before
-    anything is built. Probed by writing: permission bits do not bind root."""
+    """Create the run directory and probe, by writing (permission bits do not bind root), that this
+    process can write where a run writes: a bad train.run_dir is one line before anything is built."""
     fix = "give train.run_dir a directory this user can write"
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"train.run_dir={directory} is a file, not a directory; {fix}")
@@ -146,8 +165,7 @@ def newest_text(manager: ocp.CheckpointManager) -> str:
 
 def save(manager: ocp.CheckpointManager, state: dict, cfg: Config) -> None:
     """Asynchronous save of parameters, optimizer state and step, with the config beside; refused
-    with a one-line error if any value is NaN or inf. The check comes before the save, so a
-    diverged state is never written and never makes Orbax evict an older, good step."""
+    in one line if any value is NaN or inf, before Orbax writes (or evicts an older step) at all."""
     checked = (state["params"], state["opt_state"])
     step, finite = jax.device_get((state["step"], _finite_leaves(checked)))
     if not finite.all():
@@ -162,10 +180,10 @@ def save(manager: ocp.CheckpointManager, state: dict, cfg: Config) -> None:
 
 def _non_finite(checked: tuple, finite: np.ndarray) -> str:
     """Which tensors of (params, opt_state) hold NaN or inf, naming the first parameter among them."""
-    (params, opt_state), flags = checked, iter(finite)
+    flags = iter(finite)
     bad = [[jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
             if not next(flags)] for tree in checked]
-    return (f"NaN or inf in {len(bad[0])} of {len(jax.tree.leaves(params))} parameter tensors and "
+    return (f"NaN or inf in {len(bad[0])} of {len(jax.tree.leaves(checked[0]))} parameter tensors and "
             f"{len(bad[1])} optimizer-state tensors (first: {(bad[0] or bad[1])[0]})")
 
 
@@ -187,11 +205,14 @@ def item_metadata(manager: ocp.CheckpointManager, step: int, name: str):
 
 def check_step(manager: ocp.CheckpointManager, step: int, names=ITEMS) -> str | None:
     """Why checkpoint `step` cannot be read back whole, or None if it can. Every array of the named
-    items is read onto the host, shaped as its own metadata says: the verdict needs no config or
-    device layout, and is the same on every process."""
+    items is read onto one local device (the host's, if jax has the CPU backend), shaped as its own
+    metadata says: the verdict needs no config or device layout, and is the same on every process.
+    Arrays, not numpy: only an array restore reads each item's array_metadatas, as resuming does."""
+    place = jax.sharding.SingleDeviceSharding(_host_device())
     try:
         for name in names:
-            target = jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), item_metadata(manager, step, name))
+            target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=place),
+                                  item_metadata(manager, step, name))
             with quiet():
                 got = manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(target)}))
             if name == "meta" and int(got["meta"]["step"]) != step:
@@ -201,6 +222,14 @@ def check_step(manager: ocp.CheckpointManager, step: int, names=ITEMS) -> str | 
     except Exception as err:    # Orbax raises plain Exception, ValueError, OSError, ... for bad files
         return f"{name}: {describe(err)}"
     return None
+
+
+def _host_device():
+    """The CPU device (host memory); the first local one if JAX_PLATFORMS names accelerators only."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return jax.local_devices()[0]
 
 
 def move_aside(manager: ocp.CheckpointManager, step: int) -> Path:
@@ -309,9 +338,8 @@ def restore_params(cfg: Config, directory: Path, step: int, shardings=None) -> d
 def load_params(cfg: Config, directory: Path, step: int | None = None, shardings=None,
                 say=warn) -> tuple[int, dict]:
     """(step, parameters) of checkpoint `step`, or by default of the newest step whose parameters
-    read back whole: newer damaged steps are reported through `say`, one line each, and left where
-    they are (a reader must not rearrange a run that may still be training). For sampling and
-    evaluation."""
+    read back whole, for sampling and evaluation: newer damaged steps are reported through `say`,
+    one line each, and left where they are (the run may still be training)."""
     if step is not None:
         return step, restore_params(cfg, directory, step, shardings)
     with checkpoint_manager(directory, None, read_only=True) as manager:

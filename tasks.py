@@ -175,7 +175,7 @@ class Scorer:
     def __init__(self, cfg: ModelConfig, mesh):
         self.cfg = cfg
         self.rows = sharding.batch_sharding(mesh)
-        self.devices = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.devices = sharding.data_parallel_size(mesh)
         self.jitted = jax.jit(functools.partial(score_rows, cfg=cfg), out_shardings=sharding.replicated(mesh))
         self.compiled, self.compile_seconds = {}, 0.0
 

@@ -93,8 +93,8 @@ def config_from_dict(d: dict) -> Config:
 
 
 def preset_names() -> tuple[str, ...]:
-    """The presets shipped in configs/ (every file but base.py), by name."""
-    return tuple(sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py") if p.stem not in ("base", "__init__")))
+    """The presets shipped in configs/ (every file but base.py and load.py), by name."""
+    return tuple(sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py") if p.stem not in ("base", "load", "__init__")))
 
 
 def preset_path(name: str) -> Path:
@@ -108,9 +108,14 @@ def load_config(path, overrides=()) -> Config:
         _fail(f"config file {str(path)!r} does not exist; presets live in {REPO_ROOT / 'configs'}")
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
+    if path.suffix != ".py":
+        _fail(f"config file {str(path)!r} is not a Python preset (.py); presets live in {REPO_ROOT / 'configs'}")
     spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:   # a preset is user code: any error in it is theirs to see in one line
+        _fail(f"config file {str(path)!r} failed to run: {type(err).__name__}: {err}".splitlines()[0])
     config = getattr(module, "config", None)
     if not isinstance(config, Config):
         _fail(f"config file {str(path)!r} must define a module-level `config = Config(...)`")

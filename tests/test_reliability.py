@@ -186,6 +186,8 @@ def test_fuzz_damage_one_file_resumes_from_an_intact_step_or_stops_in_one_line(t
     newest intact step's state bit for bit (so the losses after it are those of an undamaged run,
     as the truncation test shows end to end), or one line; no traceback, no file lost."""
     files, states = pristine
+    # Ordered by folder and size, not by name: Orbax names its data files at random.
+    ordered = sorted(files, key=lambda name: (str(Path(name).parent), (tiny_run / "checkpoints" / name).stat().st_size))
     outcomes = []
     for seed in range(20):
         rng = random.Random(seed)
@@ -193,7 +195,7 @@ def test_fuzz_damage_one_file_resumes_from_an_intact_step_or_stops_in_one_line(t
         (run / "checkpoints").mkdir(parents=True)
         shutil.copy(tiny_run / "config.json", run)
         shutil.copytree(tiny_run / "checkpoints", run / "checkpoints", dirs_exist_ok=True)
-        name = rng.choice(sorted(files))
+        name = rng.choice(ordered)
         path, how = run / "checkpoints" / name, rng.choice(["truncate", "zero", "delete"])
         size = path.stat().st_size
         if how == "delete":
@@ -292,8 +294,6 @@ def test_bad_files_given_to_the_tools_are_one_line(tiny_run, tmp_path):
                                         f"(byte 0xe9 at offset 3); save it as UTF-8")
 
 
-@pytest.mark.xfail(strict=True, reason="configs/load.py (not owned here) hands a non-.py file to importlib, "
-                   "whose spec is None: AttributeError; the fix is reported to its owner")
 @pytest.mark.parametrize("argv", [
     ["train.py", "--config", "README.md"],
     ["sample.py", "--config", "README.md", "--random-init"],
