@@ -26,12 +26,12 @@ def read_records(run_dir) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no metrics.jsonl (not a train.py run directory, or it has not logged yet)")
-    by_step = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    by_step, lines = {}, path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(path.read_text().splitlines()):
+            if number == len(lines):
                 continue    # a line cut short by a kill; every earlier line is whole
             raise ConfigError(f"{path}:{number}: not a JSON record") from None
         by_step[record["step"]] = record
