@@ -6,7 +6,8 @@
     python bench.py loader [--steps 500] [--cold-steps 50] [--repeats 3] [--batch 64] [--seq 1024]
         [--shard-tokens 100000000]                                   # data.py's loader vs raw memmap
     python bench.py decode [--config configs/NAME.py [section.field=value ...]] [--batches 1,16]
-        [--prompt 128] [--new 128] [--repeats 3]                     # sample.py vs the bandwidth bound
+        [--prompt 128] [--new 128] [--repeats 3] [--quantize int8]   # sample.py vs the bandwidth bound
+    python bench.py decode --target runs/BIG --draft runs/SMALL [--lookahead 2,4,8]   # speculative
     python bench.py mesh [--config configs/NAME.py] [section.field=value ...] [--batch 8] [--seq 256]
         [--steps 5] [--warmup 2] [--default-malloc]                  # dp vs fsdp, simulated devices
 
@@ -22,6 +23,7 @@ import json
 import os
 from pathlib import Path
 
+import quantize
 from benchmarks import common
 from benchmarks.train_step import MODES
 from cli import Parser
@@ -89,6 +91,10 @@ def add_others(commands, shared) -> None:
     p.add_argument("--prompt", type=positive, default=128, help="prompt tokens")
     p.add_argument("--new", type=positive, default=128, help="new tokens (at least 2)")
     p.add_argument("--repeats", type=positive, default=3)
+    p.add_argument("--quantize", choices=quantize.SCHEMES, help="also time the same weights quantized")
+    p.add_argument("--target", help="speculative decoding: a trained run to decode ...")
+    p.add_argument("--draft", help="... with this smaller run drafting (same tokenizer)")
+    p.add_argument("--lookahead", type=positive_list, default=(2, 4, 8), help="draft tokens per round")
     p = commands.add_parser("mesh", parents=[shared], help="train.py's step under dp and fsdp, simulated devices")
     p.add_argument("--config", help="a preset file (default configs/quickstart.py)")
     p.add_argument("overrides", nargs="*", help="section.field=value")
@@ -124,6 +130,8 @@ def parse_args(argv=None):
         args.steps = args.steps or (10 if args.config else 5)
     if args.command == "decode" and args.new < 2:
         parser.error("decode: --new must be at least 2 (one prefill token, then decoding)")
+    if args.command == "decode" and bool(args.target) != bool(args.draft):
+        parser.error("decode: --target and --draft go together (speculative decoding)")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: its folder does not exist")
     return args

@@ -25,6 +25,7 @@ import checkpoint
 import cli
 import data
 import model
+import quantize
 import sharding
 import tasks
 from configs.base import Config, ConfigError
@@ -41,6 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, help="items per batch (default: the run's eval.batch_size)")
     parser.add_argument("--tokenizer", help="bytes | gpt2 | PATH.tiktoken (default: the run's)")
     parser.add_argument("--download", action="store_true", help="hellaswag: fetch the official file to --data first")
+    parser.add_argument("--quantize", help="score with weight-only quantized weights (sample.py's): int8")
     parser.add_argument("overrides", nargs="*", help="section.field=value applied to the run's config")
     return parser.parse_intermixed_args(argv)
 
@@ -52,6 +54,8 @@ def check_args(args) -> None:
             raise tasks.TaskError(f"--{flag.replace('_', '-')} {value} must be >= 1")
     if args.download and args.task != "hellaswag":
         raise tasks.TaskError(f"--download fetches HellaSwag; it needs --task hellaswag, not {args.task}")
+    if args.quantize is not None:
+        quantize.check_scheme(args.quantize)
     if not args.run and not args.download:
         raise tasks.TaskError("--run is required (a run directory, e.g. runs/quickstart)")
 
@@ -64,7 +68,11 @@ def load(args) -> tuple[Config, object, Callable[[], dict]]:
     mesh = sharding.make_mesh(cfg.mesh)
     shardings = sharding.param_shardings(cfg.model, cfg.mesh.strategy, mesh)
     print(f"{args.run} step {step}: {model.count_params(cfg.model):,} parameters, {jax.device_count()} device(s)")
-    return cfg, mesh, lambda: checkpoint.load_params(cfg, directory, args.step, shardings)[1]
+
+    def load_params():
+        params = checkpoint.load_params(cfg, directory, args.step, shardings)[1]
+        return quantize.quantize_params(params, cfg.model, args.quantize) if args.quantize else params
+    return cfg, mesh, load_params
 
 
 def evaluate_val(cfg: Config, mesh, load_params, path: str) -> dict[str, float]:

@@ -8,11 +8,58 @@ runs head-major [B, K, G, T, E]: both chosen by measurement (notes/benchmarks.md
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# --- Matmul weights ------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int8Weight:
+    """A matmul weight stored as int8 with a float32 scale per output channel, w ~ q * scale
+    (quantize.py builds them for decoding). `scale` has q's rank with the input axes kept as
+    size 1, so it broadcasts against q in every view of the weight: a layer's slice w[i] (both
+    leaves carry the stacked axes, so jax.tree.map slices them together), a tied embedding table
+    contracted on D (its rows are the unembedding's output channels), a row lookup."""
+    q: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+
+def matmul(x_NI, w, preferred_element_type=None, transposed: bool = False):
+    """x [N, I] times a weight whose leading axes flatten to I (the input) and the rest to O, or
+    with `transposed` a weight [O, I] contracted on its last axis (a tied embedding table used
+    as the unembedding: its transposed view would be copied whole before each matrix-vector
+    product, on every decode step, by XLA:CPU's dot layout).
+
+    A plain array is cast to x's dtype, as training always has. An Int8Weight is dequantized
+    inside the matmul: (x @ q) * scale, the per-output-channel scale applied after the dot (exact
+    algebra), so no float copy of the weight is kept; int8 converts exactly to bf16 and float32.
+    XLA:CPU still materializes the converted operand of each dot, so on a CPU this saves memory,
+    not decode time (timings: quantize.py)."""
+    quantized = isinstance(w, Int8Weight)
+    w_IO = (w.q if quantized else w).astype(x_NI.dtype)
+    if transposed:
+        y_NO = jax.lax.dot_general(x_NI, w_IO, (((1,), (1,)), ((), ())), preferred_element_type=preferred_element_type)
+    else:
+        y_NO = jnp.dot(x_NI, w_IO.reshape(x_NI.shape[-1], -1), preferred_element_type=preferred_element_type)
+    if not quantized:
+        return y_NO
+    # The scale in float32: rounded to bf16 it would bias whole output channels.
+    return (y_NO.astype(jnp.float32) * w.scale.reshape(-1)).astype(y_NO.dtype)
+
 
 # --- Norms ---------------------------------------------------------------------------------------
 
@@ -108,27 +155,28 @@ def _causal_einsum_attention(q_BKGTE, k_BKSE, v_BKSE, scale):
     return jnp.concatenate(outs, axis=3)
 
 
-def attend(q_BTKGE, k_BSKE, v_BSKE, mask_BTS, impl):
-    """Attention of T queries over S keys. `mask_BTS` (True: may attend) is None for causal
-    self-attention (T == S), or explicit, e.g. over a KV cache with left-padded rows.
+def attend(q_BTKGE, k_BKSE, v_BKSE, mask_BTS, impl):
+    """Attention of T queries over S keys, the keys and values head-major [B, K, S, E]. `mask_BTS`
+    (True: may attend) is None for causal self-attention (T == S), or explicit over a KV cache.
 
     Query heads are grouped under their kv head (GQA: H = K*G; MQA: K = 1), so keys and values
-    are never repeated. `impl` is "einsum" (explicit einsums, laid out head-major [B, K, G, T, E]),
-    or "xla" / "cudnn" (jax.nn.dot_product_attention, which takes [B, T, H, E] and groups heads
-    the same way, so the token-major layout of the projections and the cache goes in as it is).
+    are never repeated. Over a cache, and with impl "einsum", attention is explicit einsums on
+    the head-major layout, which the cache keeps so that no step copies it into another layout;
+    otherwise impl "xla" / "cudnn" is jax.nn.dot_product_attention, which takes [B, T, H, E] (the
+    projection's token-major layout, so the transposes here cancel out in training).
     """
     b, t, k, g, e = q_BTKGE.shape
     scale = 1.0 / math.sqrt(e)
-    if impl == "einsum":
-        heads = (q_BTKGE.transpose(0, 2, 3, 1, 4), k_BSKE.transpose(0, 2, 1, 3), v_BSKE.transpose(0, 2, 1, 3))
+    if impl == "einsum" or mask_BTS is not None:
+        q_BKGTE = q_BTKGE.transpose(0, 2, 3, 1, 4)
         if mask_BTS is None:
-            out_BKGTE = _causal_einsum_attention(*heads, scale)
+            out_BKGTE = _causal_einsum_attention(q_BKGTE, k_BKSE, v_BKSE, scale)
         else:
-            out_BKGTE = _einsum_attention(*heads, mask_BTS, scale)
+            out_BKGTE = _einsum_attention(q_BKGTE, k_BKSE, v_BKSE, mask_BTS, scale)
         return out_BKGTE.transpose(0, 3, 1, 2, 4)
     out_BTHE = jax.nn.dot_product_attention(
-        q_BTKGE.reshape(b, t, k * g, e), k_BSKE, v_BSKE, scale=scale, implementation=impl,
-        mask=None if mask_BTS is None else mask_BTS[:, None], is_causal=mask_BTS is None)
+        q_BTKGE.reshape(b, t, k * g, e), k_BKSE.transpose(0, 2, 1, 3), v_BKSE.transpose(0, 2, 1, 3),
+        scale=scale, implementation=impl, is_causal=True)
     return out_BTHE.reshape(b, t, k, g, e)
 
 
@@ -137,7 +185,7 @@ def attention(p, x_ND, cfg, batch, positions, mask_BTS=None, kv=None):
     projection. Returns ([N, D], the layer's updated cache or None).
 
     `positions` are the tokens' positions, [T] or per row [B, T]. `kv` is this layer's cache
-    (k [B, S, K, E], v, index): the new keys and values are written at `index`, and the queries
+    (k [B, K, S, E], v, index): the new keys and values are written at `index`, and the queries
     attend over the whole cache under `mask_BTS`. The fused weight is laid out [D, K, G + 2, E]:
     per kv head, its G query heads then one key and one value head, so that sharding the kv-head
     axis keeps each group whole.
@@ -145,7 +193,7 @@ def attention(p, x_ND, cfg, batch, positions, mask_BTS=None, kv=None):
     k, e = cfg.n_kv_heads, cfg.head_dim
     g = cfg.n_heads // k
     dtype = x_ND.dtype
-    qkv = x_ND @ p["wqkv"].astype(dtype).reshape(cfg.d_model, -1)
+    qkv = matmul(x_ND, p["wqkv"])
     if "bqkv" in p:
         qkv = qkv + p["bqkv"].astype(dtype).reshape(-1)
     qkv_BTKCE = qkv.reshape(batch, -1, k, g + 2, e)
@@ -161,13 +209,14 @@ def attention(p, x_ND, cfg, batch, positions, mask_BTS=None, kv=None):
         heads = lambda table, n: table.reshape(*table.shape[:-1], *(1,) * n, table.shape[-1])
         q = apply_rope(q, heads(cos, 2), heads(sin, 2))
         key = apply_rope(key, heads(cos, 1), heads(sin, 1))
+    key_BKSE, value_BKSE = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
     if kv is not None:
         cache_k, cache_v, index = kv
-        key = jax.lax.dynamic_update_slice(cache_k, key.astype(cache_k.dtype), (0, index, 0, 0))
-        value = jax.lax.dynamic_update_slice(cache_v, value.astype(cache_v.dtype), (0, index, 0, 0))
-        kv = (key, value, index)
-    out_BTKGE = attend(q, key.astype(dtype), value.astype(dtype), mask_BTS, cfg.attn_impl)
-    y = out_BTKGE.reshape(x_ND.shape[0], cfg.n_heads * e) @ p["wo"].astype(dtype).reshape(-1, cfg.d_model)
+        key_BKSE = jax.lax.dynamic_update_slice(cache_k, key_BKSE.astype(cache_k.dtype), (0, 0, index, 0))
+        value_BKSE = jax.lax.dynamic_update_slice(cache_v, value_BKSE.astype(cache_v.dtype), (0, 0, index, 0))
+        kv = (key_BKSE, value_BKSE, index)
+    out_BTKGE = attend(q, key_BKSE.astype(dtype), value_BKSE.astype(dtype), mask_BTS, cfg.attn_impl)
+    y = matmul(out_BTKGE.reshape(x_ND.shape[0], cfg.n_heads * e), p["wo"])
     return (y + p["bo"].astype(dtype) if "bo" in p else y), kv
 
 
@@ -199,25 +248,32 @@ def mlp(p, x_ND, cfg):
     read from the weights, so the same function runs the MoE's shared experts.
     """
     dtype = x_ND.dtype
-    h = x_ND @ p["w_in"].astype(dtype).reshape(cfg.d_model, -1)
+    h = matmul(x_ND, p["w_in"])
     if "b_in" in p:
         h = h + p["b_in"].astype(dtype).reshape(-1)
-    y = mlp_activation(h, cfg) @ p["w_out"].astype(dtype)
+    y = matmul(mlp_activation(h, cfg), p["w_out"])
     return y + p["b_out"].astype(dtype) if "b_out" in p else y
 
 
 # --- Embeddings ----------------------------------------------------------------------------------
 
 
-def embed(table_VD, tokens, dtype):
-    """Row lookup: tokens [...] -> [..., D]."""
-    return jnp.take(table_VD, tokens, axis=0).astype(dtype)
+def embed(table, tokens, dtype, vocab_axis: int = 0):
+    """Row lookup: tokens [...] -> [..., D] from the table [V, D], or with vocab_axis 1 from its
+    transpose [D, V] (decode_layout's tied unembedding). An Int8Weight table has one scale per
+    vocabulary entry."""
+    def take(a):
+        return jnp.moveaxis(jnp.take(a, tokens, axis=vocab_axis), 0, -1) if vocab_axis else jnp.take(a, tokens, axis=0)
+    if isinstance(table, Int8Weight):
+        return (take(table.q).astype(jnp.float32) * take(table.scale)).astype(dtype)
+    return take(table).astype(dtype)
 
 
-def unembed(w_DV, x_ND, cfg):
-    """Float32 logits over the real vocabulary [N, vocab_size]: padded rows are sliced off so
-    they never receive probability. Optional soft-cap: cap * tanh(logits / cap)."""
-    logits = jnp.dot(x_ND, w_DV.astype(x_ND.dtype), preferred_element_type=jnp.float32)
+def unembed(w, x_ND, cfg, transposed: bool = False):
+    """Float32 logits over the real vocabulary [N, vocab_size] from the unembedding [D, V], or
+    with `transposed` a tied embedding table [V, D] itself: padded rows are sliced off so they
+    never receive probability. Optional soft-cap: cap * tanh(logits / cap)."""
+    logits = matmul(x_ND, w, preferred_element_type=jnp.float32, transposed=transposed)
     logits = logits[:, : cfg.vocab_size]
     if cfg.logit_softcap is not None:
         logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)

@@ -1,10 +1,12 @@
-"""The GPT model: parameter specs, initialization, forward pass and loss.
+"""The GPT model: the parameter tree, initialization, forward pass and loss.
 
 Parameters are a nested dict of arrays. A model is a repeated pattern of blocks (attention, then
 a feed-forward sublayer of some kind: `FFN_KINDS`); each kind's blocks share one stacked tree
-whose leaves carry a leading "layers" axis, and `jax.lax.scan` runs the pattern's repeats, so
-compile time is flat in depth. A dense model's pattern is ("dense",); a mixture of experts puts a
-"moe" block (moe.py) every moe_every blocks.
+whose leaves carry a leading "layers" axis, and in training `jax.lax.scan` runs the pattern's
+repeats, so compile time is flat in depth; with a KV cache the layers are unrolled, each with its
+own cache buffers, and `decode_layout` splits the stacks once so a decode step slices nothing.
+A dense model's pattern is ("dense",); a mixture of experts puts a "moe" block (moe.py) every
+moe_every blocks. Each sublayer's parameters are declared in parameters.py.
 
 Shape suffixes as in layers.py: B batch, T sequence, N = B*T, D d_model, V vocabulary,
 L stacked layers, R pattern repeats, P pattern length.
@@ -23,107 +25,9 @@ import jax.numpy as jnp
 import cli
 import layers
 import moe
+import parameters
 from configs.base import ConfigError, ModelConfig
-
-init_ops = jax.nn.initializers
-
-# The closed set of logical axis names a parameter may carry (None: never sharded). sharding.RULES
-# maps some of them onto mesh axes; a name outside this set is a typo, caught when specs are built.
-LOGICAL_AXES = frozenset({"layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "expert"})
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One parameter: its shape, logical axis names (mapped to a mesh by sharding.py), dtype,
-    initializer `init(key, shape, dtype) -> array`, and for hidden matrices the (input, output)
-    axes of the logical matrix (other axes are batch axes): the fans of the init, and the
-    matrix that Muon orthogonalizes."""
-    shape: tuple[int, ...]
-    axes: tuple[str | None, ...]
-    dtype: str
-    init: Callable
-    matrix: tuple | None = None
-
-    def __post_init__(self):
-        if len(self.axes) != len(self.shape):
-            raise ValueError(f"ParamSpec axes {self.axes} do not match shape {self.shape}")
-        unknown = [a for a in self.axes if a is not None and a not in LOGICAL_AXES]
-        if unknown:
-            raise ValueError(f"ParamSpec axes {self.axes}: unknown logical axis {unknown[0]!r}; "
-                             f"valid: {', '.join(sorted(LOGICAL_AXES))} or None")
-
-
-# --- Parameter specs -----------------------------------------------------------------------------
-
-
-def _matrix_init(scheme: str, std: float, in_axis, out_axis, scale: float = 1.0, batch_axis=()) -> Callable:
-    """normal(std), Xavier uniform, or fan-in variance scaling, the fans taken over in_axis and
-    out_axis (a stacked weight's layer axis is a batch axis). `scale` multiplies the std."""
-    if scheme == "normal":
-        return init_ops.normal(std * scale)
-    mode, dist = ("fan_avg", "uniform") if scheme == "xavier" else ("fan_in", "normal")
-    return init_ops.variance_scaling(scale ** 2, mode, dist, in_axis, out_axis, batch_axis)
-
-
-def _norm_specs(cfg: ModelConfig, dim: int, stacked: tuple, axes: tuple) -> dict:
-    specs = {}
-    if cfg.norm_scale:
-        specs["scale"] = ParamSpec(stacked + (dim,), axes, cfg.param_dtype, init_ops.ones)
-    if cfg.norm_bias:
-        specs["bias"] = ParamSpec(stacked + (dim,), axes, cfg.param_dtype, init_ops.zeros)
-    return specs
-
-
-def _hidden(cfg: ModelConfig, shape, axes, in_axis, out_axis, scale=1.0, batch_axis=(0,)) -> ParamSpec:
-    """A stacked hidden matrix (leading layer axis, and for experts an expert axis: batch axes,
-    outside the fans), initialized by the config's scheme."""
-    init = _matrix_init(cfg.init, cfg.init_std, in_axis, out_axis, scale, batch_axis)
-    return ParamSpec(shape, axes, cfg.param_dtype, init, matrix=(in_axis, out_axis))
-
-
-def _out_scale(cfg: ModelConfig) -> float:
-    """The init scale of the projections that write into the residual stream."""
-    return 0.0 if cfg.zero_init_out else (1 / math.sqrt(2 * cfg.n_layers) if cfg.residual_scale else 1.0)
-
-
-def _attention_specs(cfg: ModelConfig, L: int) -> dict:
-    D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    G, dt, zeros = H // K, cfg.param_dtype, init_ops.zeros
-    attn = {
-        "wqkv": _hidden(cfg, (L, D, K, G + 2, E), ("layers", "embed", "kv_heads", None, "head_dim"), 1, (2, 3, 4)),
-        "wo": _hidden(cfg, (L, H, E, D), ("layers", "heads", "head_dim", "embed"), (1, 2), 3, _out_scale(cfg)),
-    }
-    if cfg.attn_bias:
-        attn["bqkv"] = ParamSpec((L, K, G + 2, E), ("layers", "kv_heads", None, "head_dim"), dt, zeros)
-        attn["bo"] = ParamSpec((L, D), ("layers", "embed"), dt, zeros)
-    if cfg.qk_norm and cfg.norm_scale:
-        attn["q_norm"] = ParamSpec((L, E), ("layers", "head_dim"), dt, init_ops.ones)
-        attn["k_norm"] = ParamSpec((L, E), ("layers", "head_dim"), dt, init_ops.ones)
-    return attn
-
-
-def _dense_specs(cfg: ModelConfig, L: int, d_ff: int | None = None) -> dict:
-    """The MLP: w_in [D, F], or [D, 2, F] (gate, up) when gated, and w_out [F, D]; F = d_ff."""
-    D, F, dt = cfg.d_model, d_ff or cfg.d_ff, cfg.param_dtype
-    w_in_shape, w_in_axes = ((L, D, 2, F), ("layers", "embed", None, "mlp")) if cfg.gated else \
-        ((L, D, F), ("layers", "embed", "mlp"))
-    mlp = {
-        "w_in": _hidden(cfg, w_in_shape, w_in_axes, 1, tuple(range(2, len(w_in_shape)))),
-        "w_out": _hidden(cfg, (L, F, D), ("layers", "mlp", "embed"), 1, 2, _out_scale(cfg)),
-    }
-    if cfg.mlp_bias:
-        mlp["b_in"] = ParamSpec(w_in_shape[:1] + w_in_shape[2:], w_in_axes[:1] + w_in_axes[2:], dt, init_ops.zeros)
-        mlp["b_out"] = ParamSpec((L, D), ("layers", "embed"), dt, init_ops.zeros)
-    return mlp
-
-
-def _moe_specs(cfg: ModelConfig, L: int) -> dict:
-    """The router and routed experts (moe.specs), and the shared experts as one dense MLP."""
-    zeros = lambda shape, axes: ParamSpec(shape, axes, cfg.param_dtype, init_ops.zeros)
-    specs = moe.specs(cfg, L, lambda *args: _hidden(cfg, *args), zeros, _out_scale(cfg))
-    if cfg.n_shared_experts:
-        specs["shared"] = _dense_specs(cfg, L, cfg.n_shared_experts * moe.expert_ff(cfg))
-    return specs
+from parameters import ParamSpec
 
 
 @dataclass(frozen=True)
@@ -142,10 +46,10 @@ class FFNKind:
 
 
 FFN_KINDS = {
-    "dense": FFNKind(specs=_dense_specs, apply=lambda p, x_ND, cfg, batch: (layers.mlp(p, x_ND, cfg), {}),
+    "dense": FFNKind(specs=parameters.dense_specs, apply=lambda p, x_ND, cfg, batch: (layers.mlp(p, x_ND, cfg), {}),
                      matmul_params=lambda cfg: (3 if cfg.gated else 2) * cfg.d_model * cfg.d_ff,
                      params_key="blocks"),
-    "moe": FFNKind(specs=_moe_specs, apply=moe.apply, matmul_params=moe.matmul_params,
+    "moe": FFNKind(specs=parameters.moe_specs, apply=moe.apply, matmul_params=moe.matmul_params,
                    params_key="moe_blocks", inactive_params=moe.inactive_params),
 }
 
@@ -165,8 +69,8 @@ def _stack_sizes(cfg: ModelConfig) -> dict[str, int]:
 
 def _block_specs(cfg: ModelConfig, kind: str, L: int) -> dict:
     norm_axes = ("layers", "norm")
-    return {"attn_norm": _norm_specs(cfg, cfg.d_model, (L,), norm_axes), "attn": _attention_specs(cfg, L),
-            "mlp_norm": _norm_specs(cfg, cfg.d_model, (L,), norm_axes), "mlp": FFN_KINDS[kind].specs(cfg, L)}
+    return {"attn_norm": parameters.norm_specs(cfg, cfg.d_model, (L,), norm_axes), "attn": parameters.attention_specs(cfg, L),
+            "mlp_norm": parameters.norm_specs(cfg, cfg.d_model, (L,), norm_axes), "mlp": FFN_KINDS[kind].specs(cfg, L)}
 
 
 def param_specs(cfg: ModelConfig) -> dict:
@@ -174,17 +78,17 @@ def param_specs(cfg: ModelConfig) -> dict:
     D, V = cfg.d_model, cfg.padded_vocab
     specs = {
         "embed": ParamSpec((V, D), ("vocab", "embed"), cfg.param_dtype,
-                           _matrix_init(cfg.embed_init, cfg.embed_std, 1, 0)),
+                           parameters.matrix_init(cfg.embed_init, cfg.embed_std, 1, 0)),
         **{FFN_KINDS[kind].params_key: _block_specs(cfg, kind, L) for kind, L in _stack_sizes(cfg).items()},
     }
     if cfg.pos == "learned":
         specs["pos_embed"] = ParamSpec((cfg.seq_len, D), (None, "embed"), cfg.param_dtype,
-                                       _matrix_init(cfg.embed_init, cfg.embed_std, 1, 0))
+                                       parameters.matrix_init(cfg.embed_init, cfg.embed_std, 1, 0))
     if cfg.norm_position == "pre":  # post-norm blocks already end normalized
-        specs["final_norm"] = _norm_specs(cfg, D, (), ("norm",))
+        specs["final_norm"] = parameters.norm_specs(cfg, D, (), ("norm",))
     if not cfg.tie_embeddings:
         specs["unembed"] = ParamSpec((D, V), ("embed", "vocab"), cfg.param_dtype,
-                                     _matrix_init(cfg.unembed_init, cfg.unembed_std, 0, 1))
+                                     parameters.matrix_init(cfg.unembed_init, cfg.unembed_std, 0, 1))
     return _prune(specs)
 
 
@@ -267,14 +171,32 @@ def block(p, x_ND, cfg: ModelConfig, kind: str, batch: int, positions, mask_BTS=
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, start=None) -> dict:
-    """An empty KV cache: per layer k and v [B, max_len, K, E] (GQA stores only the kv heads),
-    stacked on a leading layer axis in layer order; `index`, the next slot to write; `start` [B],
-    where each row's tokens begin (rows of a batch of prompts are left-padded to one length)."""
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    """An empty KV cache: k and v, each a tuple of one [B, K, max_len, E] buffer per layer in layer
+    order (GQA stores only the kv heads; head-major, the layout attention reads without a copy;
+    separate buffers, so each layer writes its new slots
+    with one in-place dynamic_update_slice on its own donated buffer, and no layer's cache is
+    sliced out of or stacked back into a shared array); `index`, the next slot to write;
+    `start` [B], where each row's tokens begin (left-padded rows of a batch of prompts)."""
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     dtype = jnp.dtype(cfg.compute_dtype)
     start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32),
-            "start": start}
+    buffers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+    return {"k": buffers(), "v": buffers(), "index": jnp.zeros((), jnp.int32), "start": start}
+
+
+def decode_layout(params, cfg: ModelConfig) -> dict:
+    """The parameters rearranged once, after loading, for decoding; forward accepts either layout.
+    Each kind's stacked tree becomes a tuple of per-layer trees, so a decode step reads each
+    layer's weights where they lie instead of slicing them out of the stack. A tied table is kept
+    only as its transpose, the unembedding [D, V]: the matrix-vector product every step makes is
+    faster on that layout (notes/inference.md), and a token's embedding is one column of it."""
+    out = dict(params)
+    for kind, L in _stack_sizes(cfg).items():
+        key = FFN_KINDS[kind].params_key
+        out[key] = tuple(jax.tree.map(lambda w: w[i], params[key]) for i in range(L))
+    if "unembed" not in params:
+        out["unembed"] = jax.tree.map(lambda w: w.T, out.pop("embed"))   # an Int8Weight's scale too
+    return out
 
 
 def _cache_positions(cache: dict, t: int, max_len: int):
@@ -290,7 +212,10 @@ def _cache_positions(cache: dict, t: int, max_len: int):
 def _embed(params, tokens_BT, cfg: ModelConfig, positions):
     b, t = tokens_BT.shape
     dtype = jnp.dtype(cfg.compute_dtype)
-    x_ND = layers.embed(params["embed"], tokens_BT.reshape(-1), dtype)
+    if "embed" in params:
+        x_ND = layers.embed(params["embed"], tokens_BT.reshape(-1), dtype)
+    else:   # decode_layout keeps a tied table only as the unembedding [D, V]
+        x_ND = layers.embed(params["unembed"], tokens_BT.reshape(-1), dtype, vocab_axis=1)
     if cfg.pos == "learned":
         # Left-padding slots have negative positions; clipped, they are masked out as keys anyway.
         pos = jnp.take(params["pos_embed"], positions, axis=0, mode="clip").astype(dtype)
@@ -298,38 +223,60 @@ def _embed(params, tokens_BT, cfg: ModelConfig, positions):
     return x_ND
 
 
-def _run_blocks(params, x_ND, cfg: ModelConfig, batch: int, positions, mask_BTS, cache):
-    """Scan the block pattern over its R repeats: each kind's stack [L, ...] is read as [R, c, ...]
-    (c: the kind's count per repeat), the cache's [n_layers, ...] as [R, P, ...]. Returns (x, the
-    new k and v or None, aux: auxiliary losses summed over layers, statistics stacked per layer)."""
+def _add_aux(block_aux: dict, losses: dict, stats: dict) -> None:
+    """Sum a block's auxiliary losses into `losses`; append its statistics to `stats` lists."""
+    for name, value in block_aux.get("losses", {}).items():
+        losses[name] = losses.get(name, 0.0) + value
+    for name, value in block_aux.items():
+        if name != "losses":
+            stats.setdefault(name, []).append(value)
+
+
+def _stack_stats(stats: dict) -> dict:
+    return {name: jax.tree.map(lambda *v: jnp.stack(v), *values) for name, values in stats.items()}
+
+
+def _run_blocks(params, x_ND, cfg: ModelConfig, batch: int, positions):
+    """Training and evaluation (no cache, stacked weights): scan the block pattern over its R
+    repeats, each kind's stack [L, ...] read as [R, c, ...] (c: the kind's count per repeat), so
+    compile time is flat in depth. Returns (x, aux: auxiliary losses summed over layers,
+    statistics stacked per layer)."""
     pattern = block_pattern(cfg)
     repeats = cfg.n_layers // len(pattern)
-    per_repeat = lambda tree: jax.tree.map(lambda w: w.reshape(repeats, -1, *w.shape[1:]), tree)
-    stacks = {kind: per_repeat(params[FFN_KINDS[kind].params_key]) for kind in set(pattern)}
-    kvs = None if cache is None else per_repeat((cache["k"], cache["v"]))
+    stacks = {kind: jax.tree.map(lambda w: w.reshape(repeats, -1, *w.shape[1:]), params[FFN_KINDS[kind].params_key])
+              for kind in set(pattern)}
 
-    def step(x_ND, xs):
-        stacks_r, kvs_r = xs
-        seen, new_kvs, losses, stats = Counter(), [], {}, {}
-        for i, kind in enumerate(pattern):
+    def step(x_ND, stacks_r):
+        seen, losses, stats = Counter(), {}, {}
+        for kind in pattern:
             p = jax.tree.map(lambda w: w[seen[kind]], stacks_r[kind])
             seen[kind] += 1
-            kv = None if kvs_r is None else (kvs_r[0][i], kvs_r[1][i], cache["index"])
-            x_ND, kv, block_aux = block(p, x_ND, cfg, kind, batch, positions, mask_BTS, kv)
-            new_kvs.append(kv)
-            for name, value in block_aux.get("losses", {}).items():
-                losses[name] = losses.get(name, 0.0) + value
-            for name, value in block_aux.items():
-                if name != "losses":
-                    stats.setdefault(name, []).append(value)
-        kvs_out = None if kvs_r is None else tuple(jnp.stack([kv[j] for kv in new_kvs]) for j in (0, 1))
-        stats = {name: jax.tree.map(lambda *v: jnp.stack(v), *values) for name, values in stats.items()}
-        return x_ND, (kvs_out, losses, stats)
+            x_ND, _, block_aux = block(p, x_ND, cfg, kind, batch, positions)
+            _add_aux(block_aux, losses, stats)
+        return x_ND, (losses, _stack_stats(stats))
     if cfg.remat:
         step = jax.checkpoint(step)
-    x_ND, (kvs, losses, stats) = jax.lax.scan(step, x_ND, (stacks, kvs))
-    kvs, stats = jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), (kvs, stats))   # [R, c, ...] -> layers
-    return x_ND, kvs, {"losses": {name: jnp.sum(value) for name, value in losses.items()}, **stats}
+    x_ND, (losses, stats) = jax.lax.scan(step, x_ND, stacks)
+    stats = jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), stats)   # [R, c, ...] -> layers
+    return x_ND, {"losses": {name: jnp.sum(value) for name, value in losses.items()}, **stats}
+
+
+def _run_layers(params, x_ND, cfg: ModelConfig, batch: int, positions, mask_BTS, cache):
+    """Prefill and decoding (or the decode layout): the layers unrolled in order, each reading its
+    own weights (a tuple entry of decode_layout, else sliced from the stack) and its own cache
+    buffers. Returns (x, the new per-layer k and v tuples or None, aux as _run_blocks')."""
+    pattern, seen, kvs, losses, stats = block_pattern(cfg), Counter(), [], {}, {}
+    for i in range(cfg.n_layers):
+        kind = pattern[i % len(pattern)]
+        stack = params[FFN_KINDS[kind].params_key]
+        p = stack[seen[kind]] if isinstance(stack, tuple) else jax.tree.map(lambda w: w[seen[kind]], stack)
+        seen[kind] += 1
+        kv = None if cache is None else (cache["k"][i], cache["v"][i], cache["index"])
+        x_ND, kv, block_aux = block(p, x_ND, cfg, kind, batch, positions, mask_BTS, kv)
+        kvs.append(kv)
+        _add_aux(block_aux, losses, stats)
+    new_kv = None if cache is None else tuple(tuple(kv[j] for kv in kvs) for j in (0, 1))
+    return x_ND, new_kv, {"losses": losses, **_stack_stats(stats)}
 
 
 def forward(params, tokens_BT, cfg: ModelConfig, cache=None):
@@ -350,13 +297,20 @@ def forward(params, tokens_BT, cfg: ModelConfig, cache=None):
     if cache is None:
         positions, mask_BTS = jnp.arange(t), None
     else:
-        positions, mask_BTS = _cache_positions(cache, t, cache["k"].shape[2])
+        positions, mask_BTS = _cache_positions(cache, t, cache["k"][0].shape[2])
     x_ND = _embed(params, tokens_BT, cfg, positions)
-    x_ND, kvs, aux = _run_blocks(params, x_ND, cfg, b, positions, mask_BTS, cache)
+    split = isinstance(params[FFN_KINDS[block_pattern(cfg)[0]].params_key], tuple)   # decode_layout
+    if cache is None and not split:
+        x_ND, aux = _run_blocks(params, x_ND, cfg, b, positions)
+    else:
+        x_ND, kvs, aux = _run_layers(params, x_ND, cfg, b, positions, mask_BTS, cache)
     if cfg.norm_position == "pre":
         x_ND = layers.norm(params.get("final_norm", {}), x_ND, cfg)
-    w_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
-    logits_BTV = layers.unembed(w_DV, x_ND, cfg).reshape(b, t, -1)
+    if "unembed" in params:
+        logits_ND = layers.unembed(params["unembed"], x_ND, cfg)
+    else:
+        logits_ND = layers.unembed(params["embed"], x_ND, cfg, transposed=True)
+    logits_BTV = logits_ND.reshape(b, t, -1)
     if cache is not None:
         aux["cache"] = {**cache, "k": kvs[0], "v": kvs[1], "index": cache["index"] + t}
     return logits_BTV, aux

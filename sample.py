@@ -4,17 +4,21 @@
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--num-samples N]
         [--seed S] [--stop-at-eot] [--tokenizer bytes|gpt2|PATH]
     python sample.py --config configs/NAME.py --random-init [section.field=value ...] [...]
+    python sample.py --run runs/BIG --draft runs/SMALL [--lookahead K] [...]    # speculative
 
-Generation is two jitted programs around model.forward and its KV cache: a prefill of the whole
+With --draft (or --draft-config and --random-init), a small model drafts --lookahead tokens
+that the target verifies in one forward (speculative.py); the output is distributed as the
+target's own sampling. Generation is otherwise two jitted programs around model.forward and its KV cache: a prefill of the whole
 (left-padded) prompt batch in one call, then one `lax.while_loop` that decodes every further
 token on the device. A single sample is streamed from inside that loop by an ordered io_callback.
-Sections: sampling, generation, loading, streaming, the command line. Decode speed is measured by
+How each token is drawn is sampling.py. Sections: generation, loading, streaming, the command line. Decode speed is measured by
 `python bench.py decode` (notes/benchmarks.md).
 """
 from __future__ import annotations
 
+import argparse
 import codecs
-import dataclasses
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -27,80 +31,13 @@ import checkpoint
 import cli
 import data
 import model
+import quantize
+import speculative
 from configs.base import Config, ConfigError, ModelConfig
 from configs.load import load_config
+from sampling import SampleError, Sampling, left_pad, sample_next
 
 DEFAULT_NEW_TOKENS = 256    # when --max-new-tokens is not given (fewer if the context is shorter)
-
-
-class SampleError(ConfigError):
-    """A one-line error naming the flag, file or value at fault and what is valid."""
-
-
-# --- Sampling ------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How each next token is drawn: temperature 0 is greedy; top_k keeps the k likeliest tokens;
-    top_p keeps the smallest set of likeliest tokens whose probability reaches p (the nucleus,
-    never empty). Hashable, so a jitted program is compiled once per setting."""
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise SampleError(f"--temperature {self.temperature} must be >= 0 (0 samples greedily)")
-        if self.top_k is not None and self.top_k < 1:
-            raise SampleError(f"--top-k {self.top_k} must be >= 1 (leave it out to keep every token)")
-        if not 0 < self.top_p <= 1:
-            raise SampleError(f"--top-p {self.top_p} must be in (0, 1] (1 keeps every token)")
-
-
-def filter_logits(logits_BV, top_k: int | None, top_p: float):
-    """Set every token outside the top-k, then outside the nucleus of what is left, to -inf.
-    Ties with the last kept token are kept too."""
-    if top_k is not None and top_k < logits_BV.shape[-1]:
-        # min, not [:, -1]: XLA:CPU turns a slice of top_k into a full sort (timed: notes/inference.md).
-        kth_B1 = jnp.min(jax.lax.top_k(logits_BV, top_k)[0], axis=-1, keepdims=True)
-        logits_BV = jnp.where(logits_BV >= kth_B1, logits_BV, -jnp.inf)
-    if top_p < 1.0:
-        probs_BV = jax.nn.softmax(logits_BV, axis=-1)
-        logits_BV = jnp.where(probs_BV >= nucleus_floor(probs_BV, top_p), logits_BV, -jnp.inf)
-    return logits_BV
-
-
-def nucleus_floor(probs_BV, top_p: float):
-    """The smallest probability in each row's nucleus [B, 1]: the largest t with
-    sum(p >= t) >= top_p, so the top token always stays.
-
-    A bisection on the float bits (non-negative floats order as their int32 bits), exact after
-    31 halvings: 31 masked sums over the vocabulary cost far less than a sort (notes/inference.md).
-    """
-    bits_BV = jax.lax.bitcast_convert_type(probs_BV, jnp.int32)
-
-    def halve(_, bounds):    # invariant: mass(bits >= lo) >= top_p > mass(bits >= hi)
-        lo_B, hi_B = bounds
-        mid_B = lo_B + (hi_B - lo_B) // 2
-        mass_B = jnp.sum(jnp.where(bits_BV >= mid_B[:, None], probs_BV, 0.0), axis=-1)
-        return jnp.where(mass_B >= top_p, mid_B, lo_B), jnp.where(mass_B >= top_p, hi_B, mid_B)
-    bounds = (jnp.zeros(bits_BV.shape[:1], jnp.int32), jnp.max(bits_BV, axis=-1) + 1)
-    lo_B, _ = jax.lax.fori_loop(0, 31, halve, bounds)
-    return jax.lax.bitcast_convert_type(lo_B, jnp.float32)[:, None]
-
-
-def sample_next(key, logits_BV, sampling: Sampling):
-    """One token id per row [B] from float32 logits over the real (unpadded) vocabulary."""
-    if sampling.temperature == 0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits_BV = filter_logits(logits_BV / sampling.temperature, sampling.top_k, sampling.top_p)
-    # Inverse CDF, one uniform per row: jax.random.categorical draws a Gumbel per token, a
-    # noticeable part of a small model's decode step (notes/inference.md). u lies in (0, total], so
-    # a token of probability 0 (filtered out) is never picked.
-    cdf_BV = jnp.cumsum(jax.nn.softmax(logits_BV, axis=-1), axis=-1)
-    u_B1 = (1.0 - jax.random.uniform(key, (cdf_BV.shape[0], 1))) * cdf_BV[:, -1:]
-    return jnp.sum(cdf_BV < u_B1, axis=-1).astype(jnp.int32)
 
 
 # --- Generation ----------------------------------------------------------------------------------
@@ -149,16 +86,6 @@ def decode(params, token_B, cache, key, cfg: ModelConfig, sampling: Sampling, st
 prefill_fn = jax.jit(prefill, static_argnames=("cfg", "sampling", "cache_len"))
 # The cache is donated and returned, so the loop updates its buffers in place instead of a copy.
 decode_fn = jax.jit(decode, static_argnames=("cfg", "sampling", "steps", "eot", "on_token"), donate_argnames="cache")
-
-
-def left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts of different lengths as one [B, T] batch, right-aligned; and where each row's
-    tokens start (the padding is masked out of attention and gets no position)."""
-    width = max(map(len, prompts))
-    tokens_BT = np.zeros((len(prompts), width), np.int32)
-    for row, prompt in zip(tokens_BT, prompts):
-        row[width - len(prompt):] = prompt
-    return tokens_BT, np.array([width - len(prompt) for prompt in prompts], np.int32)
 
 
 def generate(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int,
@@ -274,6 +201,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop-at-eot", action="store_true", help="end a sample at the end-of-text token")
     parser.add_argument("--tokenizer", help="bytes | gpt2 | PATH.tiktoken (default: the run's data's)")
+    draft = parser.add_mutually_exclusive_group()
+    draft.add_argument("--draft", help="speculative decoding: a smaller run with the same tokenizer")
+    draft.add_argument("--draft-config", help="with --random-init: an untrained draft from a preset")
+    parser.add_argument("--lookahead", type=int, help="with a draft: tokens it proposes per round (default 4)")
+    parser.add_argument("--quantize", help=f"weight-only quantization of the matmul weights: {', '.join(quantize.SCHEMES)}")
     parser.add_argument("overrides", nargs="*", help="with --config: section.field=value")
     return parser.parse_intermixed_args(argv)     # overrides may come before or after the flags
 
@@ -318,30 +250,74 @@ def model_source(args) -> tuple[Config, Callable[[], dict]]:
     return cfg, lambda: random_params(cfg.model, cfg.train.seed)
 
 
+def draft_source(args, cfg: Config, enc) -> tuple[Config, Callable[[], dict]] | None:
+    """The draft's config and loader, or None; it must decode with the target's tokenizer."""
+    if not (args.draft or args.draft_config):
+        if args.lookahead is not None:
+            raise SampleError("--lookahead needs a draft: --draft runs/SMALL or --draft-config configs/NAME.py")
+        return None
+    if args.draft_config and not args.random_init:
+        raise SampleError("--draft-config gives an untrained draft: add --random-init, or pass --draft runs/SMALL")
+    draft = argparse.Namespace(run=args.draft, config=args.draft_config, random_init=not args.draft,
+                               step=None, overrides=[])
+    draft_cfg, load = model_source(draft)
+    draft_enc = pick_tokenizer(draft_cfg, args.tokenizer)
+    if (draft_enc.name, draft_enc.n_vocab, draft_enc.eot_token) != (enc.name, enc.n_vocab, enc.eot_token):
+        raise SampleError(f"draft tokenizer mismatch: the draft decodes with {draft_enc.name!r} "
+                          f"({draft_enc.n_vocab} ids) but the target with {enc.name!r} ({enc.n_vocab} ids); "
+                          f"the draft must be trained on the target's tokenizer")
+    return draft_cfg, load
+
+
 def sample_main(args) -> None:
-    """Check every input, then load, generate and print (streaming a single sample)."""
+    """Check every input, then load, generate and print (streaming a single plain sample)."""
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    if args.quantize is not None:
+        quantize.check_scheme(args.quantize)
     if args.num_samples < 1:
         raise SampleError(f"--num-samples {args.num_samples} must be >= 1")
     texts = prompt_texts(args)
     cfg, load = model_source(args)
     enc = pick_tokenizer(cfg, args.tokenizer)
+    draft = draft_source(args, cfg, enc)
     eot = enc.eot_token
     # Every training document follows an end-of-text token, so a prompt starts where documents do.
     prompts = [[eot] + enc.encode(text, allowed_special="all") for text in texts]
     room = cfg.model.max_len - max(map(len, prompts))
     max_new = args.max_new_tokens if args.max_new_tokens is not None else max(min(DEFAULT_NEW_TOKENS, room), 1)
     check_lengths(cfg.model, prompts, max_new)
-    params = load()
+    lookahead = 4 if args.lookahead is None else args.lookahead
+    if draft:
+        speculative.check_draft(cfg.model, draft[0].model, lookahead, max(map(len, prompts)), max_new)
+    params = prepare(load(), cfg.model, args.quantize)
     rows = [(text, prompt) for text, prompt in zip(texts, prompts) for _ in range(args.num_samples)]
     stop = eot if args.stop_at_eot else None
+    if draft:
+        draft_params = prepare(draft[1](), draft[0].model, args.quantize)
+        outs, stats = speculative.generate(params, cfg.model, draft_params, draft[0].model,
+                                           [prompt for _, prompt in rows], max_new, lookahead, sampling,
+                                           args.seed, stop)
+        print(f"speculative: {stats['rounds']} rounds, {stats['accepted']} of {stats['proposed']} draft "
+              f"tokens accepted ({stats['acceptance_rate']:.0%})", file=sys.stderr)
+        return print_samples(enc, rows, outs)
     streamer = Streamer(enc, stop) if len(rows) == 1 else None
     if streamer:
         print(texts[0], end="", flush=True)
     outs = generate(params, cfg.model, [prompt for _, prompt in rows], max_new, sampling, args.seed, stop,
                     streamer)
-    if streamer:
-        return streamer.close()
+    return streamer.close() if streamer else print_samples(enc, rows, outs)
+
+
+def prepare(params, cfg: ModelConfig, scheme: str | None) -> dict:
+    """Loaded parameters as decoding reads them: quantized (the stacked layout), then split."""
+    if scheme:
+        quantized = quantize.quantize_params(params, cfg, scheme)
+        print(quantize.memory_line(params, quantized), file=sys.stderr)
+        params = quantized
+    return model.decode_layout(params, cfg)
+
+
+def print_samples(enc, rows: list[tuple[str, list[int]]], outs: list[list[int]]) -> None:
     for i, ((text, _), out) in enumerate(zip(rows, outs)):
         new = b"".join(token_bytes(enc, token) for token in out)
         print(("---\n" if i else "") + text + new.decode("utf-8", errors="replace"))

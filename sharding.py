@@ -21,6 +21,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import cli
 import model
+import parameters
 from configs.base import STRATEGIES, ConfigError, MeshConfig
 from configs.load import load_config, preset_names, preset_path
 
@@ -47,9 +48,9 @@ def check_rules(rules_table: dict) -> None:
                             f"lists {sorted(STRATEGIES)}")
     for strategy, rules in rules_table.items():
         for logical, mesh_axis in rules.items():
-            if logical not in model.LOGICAL_AXES or mesh_axis not in MESH_AXES:
+            if logical not in parameters.LOGICAL_AXES or mesh_axis not in MESH_AXES:
                 raise ShardingError(f"sharding.RULES[{strategy!r}] maps {logical!r} -> {mesh_axis!r}; logical "
-                                    f"axes: {', '.join(sorted(model.LOGICAL_AXES))}; mesh axes: {', '.join(MESH_AXES)}")
+                                    f"axes: {', '.join(sorted(parameters.LOGICAL_AXES))}; mesh axes: {', '.join(MESH_AXES)}")
 
 
 check_rules(RULES)
@@ -79,7 +80,7 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def partition_spec(name: str, spec: model.ParamSpec, rules: dict, mesh) -> tuple[PartitionSpec, str]:
+def partition_spec(name: str, spec: parameters.ParamSpec, rules: dict, mesh) -> tuple[PartitionSpec, str]:
     """The parameter's PartitionSpec and a note on any dimension left replicated. `mesh` is a Mesh,
     or any object whose `shape` maps axis names to sizes (for planning without devices)."""
     parts, used, notes = [], set(), []

@@ -7,6 +7,8 @@ worker, so the two frameworks never share a process's thread pools.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
 import importlib.util
 import multiprocessing
@@ -24,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 # XLA:CPU allocates each step's temporaries afresh and glibc hands large blocks back to the OS, so
 # every step page-faults them in again (notes/benchmarks.md, "Malloc"). One arena that never uses
-# mmap or trims keeps them mapped. Spawned workers read it at startup (bench.py --default-malloc).
+# mmap or trims keeps them mapped. Spawned workers read it at startup (use_malloc).
 MALLOC_REUSE = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 # The instruction-set extensions that decide matmul speed (x86 flags, then Arm features).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "asimd", "sve", "sve2")
@@ -36,14 +38,15 @@ PEAK_REPS = 10   # timed matmuls behind each framework's peak
 
 def time_steps(run, steps: int, warmup: int, reset_peak=lambda: None) -> tuple[float, float]:
     """(seconds of the first call, median seconds of `steps` calls after `warmup` more); `run` must
-    block until its work is done. `reset_peak` runs just before the timed calls, so peak memory
-    covers the steady state."""
+    block until its work is done. `reset_peak` runs after the first call (where compilation and
+    one-time allocations happen), so peak memory covers the steady state; the warmup calls absorb
+    what it costs the next call (reset_peak_rss's trim)."""
     start = time.perf_counter()
     run()
     first = time.perf_counter() - start
+    reset_peak()
     for _ in range(warmup):
         run()
-    reset_peak()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -63,7 +66,12 @@ def rss_bytes() -> int:
 
 
 def reset_peak_rss() -> None:
-    """Reset the kernel's resident-set high-water mark to the current resident set."""
+    """Hand memory already freed back to the OS, then reset the kernel's resident-set high-water
+    mark to the resident set left. Without the trim, what compilation freed but malloc kept (all
+    of it under MALLOC_REUSE) would count as the steady state's memory."""
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):   # glibc only
+        ctypes.CDLL(libc).malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
@@ -74,6 +82,23 @@ def peak_rss() -> int:
 
 
 # --- Workers and the machine's load --------------------------------------------------------------
+
+
+def use_malloc(tuned: bool) -> str:
+    """glibc malloc for the workers spawned from now on, which read GLIBC_TUNABLES at startup:
+    MALLOC_REUSE, or glibc's defaults. Returns malloc_label()."""
+    if tuned:
+        os.environ["GLIBC_TUNABLES"] = MALLOC_REUSE
+    else:
+        os.environ.pop("GLIBC_TUNABLES", None)
+    return malloc_label()
+
+
+def malloc_label() -> str:
+    """The malloc setting in this process's environment, as workers spawned now start with it:
+    tuned (MALLOC_REUSE), default, or the tunables given."""
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    return "default" if not tunables else "tuned" if tunables == MALLOC_REUSE else f"GLIBC_TUNABLES={tunables}"
 
 
 def in_worker(fn, *args):

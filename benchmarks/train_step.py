@@ -8,9 +8,13 @@ train.py builds it; the PyTorch side is the twin (torch/model.py) with its optim
 
 Every measurement runs in its own freshly spawned process: the two frameworks never share thread
 pools (an OpenMP pool left spinning by PyTorch would slow JAX down), and each row's peak memory is
-its own. On a CPU, peak memory is the rise of the resident set over the process's size before the
-model was built, up to the last step; on a GPU it is the allocator's peak. Compile time is the
-first step less a steady one, with no compilation cache in either framework.
+its own. On a CPU, peak memory is the worker's resident-set high-water mark (VmHWM) over the
+steps after the first, less its resident set once the framework was imported and started but
+before the model was built; before those steps, memory freed by compilation is handed back to
+the OS (common.reset_peak_rss). On a GPU it is the allocator's peak since the worker began. Both
+frameworks are measured the same way, under the malloc setting each row records (--default-malloc
+or common.MALLOC_REUSE). Compile time is the first step less a steady one, with no compilation
+cache in either framework.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from configs.base import Config, ConfigError, MeshConfig
 from configs.load import load_config, preset_path
 
 # (preset, batch, seq): CPU sizes keep the whole suite to a few minutes on two cores.
-SUITE = {"cpu": [("quickstart", 8, 256), ("design_40m", 4, 256), ("gpt2_124m", 2, 256)],
+SUITE = {"cpu": [("quickstart", 8, 256), ("small_6x384", 8, 256), ("design_40m", 4, 256), ("gpt2_124m", 2, 256)],
          "gpu": [("quickstart", 64, 256), ("design_40m", 16, 1024), ("gpt2_124m", 16, 1024),
                  ("modern_160m", 8, 2048)]}
 MODES = ("jit", "eager", "compile")   # JAX's jit; PyTorch eager and torch.compile
@@ -54,7 +58,7 @@ def measure_jax(cfg: Config, batch: dict, steps: int, warmup: int) -> dict:
 
     import sharding
     import train  # noqa: F401  (imported before the baseline: only the model's memory counts)
-    gpu = jax.default_backend() == "gpu"
+    gpu = jax.default_backend() == "gpu"   # starts the backend: framework memory, as `import torch`
     base = common.rss_bytes()
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
     state, step = jax_step(cfg, mesh)
@@ -86,7 +90,8 @@ def measure_torch(cfg: Config, batch: dict, steps: int, warmup: int, mode: str, 
     step = twin_train.make_step(module, opt, schedule, cfg.optim.clip_norm, loss_fn)
     inputs, targets = (torch.as_tensor(batch[k], dtype=torch.long, device=device) for k in ("inputs", "targets"))
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    reset = torch.cuda.reset_peak_memory_stats if gpu else common.reset_peak_rss
+    # JAX's allocator peak cannot be reset, so on a GPU neither is PyTorch's.
+    reset = (lambda: None) if gpu else common.reset_peak_rss
     first, seconds = common.time_steps(lambda: (step(inputs, targets), sync()), steps, warmup, reset_peak=reset)
     peak = torch.cuda.max_memory_allocated() if gpu else common.peak_rss() - base
     return {"seconds": seconds, "compile_s": first - seconds if mode == "compile" else None, "peak_mem_bytes": peak}
@@ -144,7 +149,8 @@ def run_case(cfg: Config, seq: int, args, hw: dict, modes) -> list[dict]:
         else:
             result = common.in_worker(measure_torch, cfg, data, args.steps, args.warmup, mode, hw["gpu"])
         row = {"framework": framework(mode), "mode": mode, "config": cfg.name, "batch": batch, "seq": seq,
-               "dtype": cfg.model.compute_dtype, "attn_impl": cfg.model.attn_impl}
+               "dtype": cfg.model.compute_dtype, "attn_impl": cfg.model.attn_impl,
+               "malloc": common.malloc_label()}   # the environment the worker was spawned with
         if "error" in result:
             rows.append(row | {"error": result["error"]})
             continue
@@ -204,12 +210,22 @@ def layouts_table(rows: list[dict]) -> str:
 # --- The subcommand ------------------------------------------------------------------------------
 
 
+def memory_note(gpu: bool, malloc: str) -> str:
+    """The header's line on what "peak mem" is and the malloc the workers ran with."""
+    tunables = f" (GLIBC_TUNABLES={common.MALLOC_REUSE})" if malloc == "tuned" else ""
+    peak = ("the device allocator's peak since the worker began" if gpu else "the worker's resident-set "
+            "high-water mark after its first step, above its size with the framework started")
+    return f"malloc {malloc}{tunables}; peak mem: {peak} (benchmarks/train_step.py)"
+
+
 def run(args) -> list[dict]:
     """`bench.py train`: the --config model or the suite, each mode; with --layouts, JAX alone
     under each attention backend."""
     cases(args, gpu=False)  # config errors fail before minutes are spent on workers
+    malloc = common.use_malloc(tuned=not args.default_malloc)   # before any worker is spawned
     hw = common.hardware(("jax", "torch") if not args.layouts else ("jax",))
-    print(common.header("train", hw, f"MFU is over the highest matmul peak, {hw['peak'] / 1e9:,.0f} GFLOP/s"))
+    print(common.header("train", hw, f"MFU is over the highest matmul peak, {hw['peak'] / 1e9:,.0f} GFLOP/s\n"
+                        + memory_note(hw["gpu"], malloc)))
     rows = []
     for cfg, seq in cases(args, hw["gpu"]):
         if args.layouts:

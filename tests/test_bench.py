@@ -8,6 +8,7 @@ import pytest
 
 import bench
 from benchmarks import common, train_step
+from configs.load import load_config, preset_path
 from conftest import REPO
 
 TINY = ["--config", "configs/quickstart.py", "model.n_layers=1", "model.d_model=32", "model.n_heads=2"]
@@ -37,7 +38,8 @@ def table_lines(out: str, first_header: str) -> list[str]:
     return lines[start:end]
 
 
-def test_train_runs_both_frameworks(tmp_path, capsys):
+def test_train_runs_both_frameworks(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)   # restored after the test
     out, rows = run_bench(["train", *TINY, "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0",
                            "--modes", "jit,eager", "--default-malloc"], tmp_path, capsys)
     peaks = [line.split()[0] for line in out.splitlines() if " matmul peak " in line]
@@ -48,19 +50,48 @@ def test_train_runs_both_frameworks(tmp_path, capsys):
     assert "JAX/PyTorch throughput:" in out and "cores busy during this run" in out
     assert [(r["framework"], r["mode"]) for r in rows] == [("jax", "jit"), ("torch", "eager")]
     assert all(r["ms_per_step"] > 0 and r["peak_mem_bytes"] > 0 and "error" not in r for r in rows)
+    assert "malloc default; peak mem:" in out and {r["malloc"] for r in rows} == {"default"}
 
 
 def test_train_layouts_run_jax_per_attention_backend(tmp_path, capsys, canned_hardware, monkeypatch):
-    # The JAX step itself is measured by the test above; here only which runs are made and the table.
+    # The JAX step itself is measured by the test above; here only which runs are made, the table,
+    # and the tuned malloc (the default) set for the workers and recorded.
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)   # restored after the test
     monkeypatch.setattr(common, "in_worker", lambda fn, *args: fn(*args))
     monkeypatch.setattr(train_step, "measure_jax", lambda *args: {"seconds": 0.1, "compile_s": 1.0,
                                                                   "peak_mem_bytes": 2**20})
     out, rows = run_bench(["train", *TINY, "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0",
-                           "--layouts", "--default-malloc"], tmp_path, capsys)
+                           "--layouts"], tmp_path, capsys)
     table = table_lines(out, "config")
     assert table[0].split() == ["config", "attn_impl", "tokens", "ms/step", "tokens/s", "MFU"]
     assert [line.split()[:2] for line in table[1:]] == [["quickstart", "xla"], ["quickstart", "einsum"]]
     assert {r["framework"] for r in rows} == {"jax"} and "error" not in rows[0]
+    assert f"malloc tuned (GLIBC_TUNABLES={common.MALLOC_REUSE})" in out
+    assert {r["malloc"] for r in rows} == {"tuned"}
+
+
+def test_time_steps_resets_the_peak_after_the_first_call():
+    calls = []
+    first, median = common.time_steps(lambda: calls.append("run"), 2, 1, reset_peak=lambda: calls.append("reset"))
+    assert calls == ["run", "reset", "run", "run", "run"] and first >= 0 and median >= 0
+
+
+def test_reset_peak_rss_lowers_the_high_water_mark():
+    block = bytearray(64 * 2**20)   # touched: 64 MiB resident, then freed
+    del block
+    common.reset_peak_rss()
+    assert common.peak_rss() < common.rss_bytes() + 32 * 2**20
+
+
+@pytest.mark.parametrize("name,batch,seq", sorted(set(train_step.SUITE["cpu"] + train_step.SUITE["gpu"])))
+def test_suite_presets_load_and_fit(name, batch, seq):
+    assert seq <= load_config(preset_path(name)).model.max_len
+
+
+def test_small_6x384_is_a_nanogpt_shape():
+    m = load_config("configs/small_6x384.py").model
+    assert (m.n_layers, m.d_model, m.n_heads, m.seq_len, m.padded_vocab, m.d_ff) == (6, 384, 6, 256, 320, 1536)
+    assert (m.pos, m.norm, m.activation, m.gated) == ("learned", "layernorm", "gelu", False)
 
 
 def test_loader_compares_with_raw_slicing(tmp_path, capsys):

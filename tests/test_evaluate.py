@@ -163,6 +163,9 @@ def test_evaluate_commands(tiny_run, corpus, tmp_path, capsys):
     val = printed(capsys.readouterr().out)
     trained = [r for r in records(tiny_run) if "val_loss" in r][-1]     # train.py's, at the same step
     assert abs(val["val_loss"] - trained["val_loss"]) <= 1e-4 and abs(val["val_bpb"] - trained["val_bpb"]) <= 1e-4
+    evaluate.main(["--run", str(tiny_run), "--task", "val", "--data", str(corpus), "--quantize", "int8"])
+    int8 = printed(capsys.readouterr().out)     # int8 weights: close, and not the float model itself
+    assert 0 < abs(int8["val_loss"] - val["val_loss"]) <= 0.02 * val["val_loss"]
     # The same scoring with the rows split over two devices.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
     proc = subprocess.run([sys.executable, "evaluate.py", "--run", str(tiny_run), "--task", "hellaswag",
@@ -176,7 +179,8 @@ def test_evaluate_errors_are_one_line(tiny_run, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"context": [1], "endings": [[2], [3]]}\n')
     for argv, culprit in [(["--task", "mc", "--data", str(tmp_path / "bad.jsonl")], "bad.jsonl:1: no 'label' field"),
                           (["--task", "mc", "--data", "x", "--download"], "--download fetches HellaSwag"),
-                          (["--task", "mc", "--data", "x", "--max-items", "0"], "--max-items 0 must be >= 1")]:
+                          (["--task", "mc", "--data", "x", "--max-items", "0"], "--max-items 0 must be >= 1"),
+                          (["--task", "val", "--data", "x", "--quantize", "fp4"], "--quantize fp4: unknown scheme")]:
         with pytest.raises(SystemExit) as err:
             evaluate.main(["--run", str(tiny_run), *argv])
         assert str(err.value).startswith("error: ") and culprit in str(err.value) and "\n" not in str(err.value)

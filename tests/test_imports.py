@@ -15,11 +15,14 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 RANKS = {
     "cli": 0, "configs": 0,
-    "layers": 1, "data": 1,
+    "layers": 1, "data": 1, "sampling": 1,
     "moe": 1.5,     # imports layers; imported by model and the twin
+    "parameters": 1.75,   # ParamSpec and the sublayers' specs: imported by model
     "model": 2, "torch/model": 2,
+    "quantize": 2.5,   # int8 weights: imported by sample and the decode benchmark
     "sharding": 3,
     "checkpoint": 4, "optimizer": 4, "plot": 4, "tasks": 4,
+    "speculative": 4.5,   # imported by sample
     "train": 5, "sample": 5, "evaluate": 5, "torch/train": 5, "hf_files": 5,
     "corpus": 6, "bench": 6, "benchmarks": 6, "ablate": 6, "hf": 6,
     "studies": 7,   # study files: data for ablate.py

@@ -93,7 +93,8 @@ def test_attend_matches_reference(impl, k, g):
     b, t, e = 2, 7, 8
     dtype = jnp.bfloat16 if impl == "cudnn" else jnp.float32
     q, key, v = randn(b, t, k, g, e), randn(b, t, k, e), randn(b, t, k, e)
-    out = layers.attend(*(jnp.asarray(a, dtype) for a in (q, key, v)), None, impl)
+    head_major = lambda a: jnp.asarray(a, dtype).transpose(0, 2, 1, 3)   # keys and values [B, K, S, E]
+    out = layers.attend(jnp.asarray(q, dtype), head_major(key), head_major(v), None, impl)
     expected = np.stack([[[ref.causal_attention(*(a.astype(np.float64) for a in
                                                   (q[i, :, h, j], key[i, :, h], v[i, :, h])))
                            for i in range(b)] for h in range(k)] for j in range(g)]).transpose(2, 3, 1, 0, 4)
@@ -141,8 +142,11 @@ def test_embed_and_unembed_with_padding_and_softcap():
     x = layers.embed(jnp.asarray(table), jnp.asarray(tokens), jnp.float32)
     np.testing.assert_array_equal(x, table[tokens])
     h = randn(3, 32)
-    logits = layers.unembed(jnp.asarray(table.T), jnp.asarray(h), cfg)
+    logits = layers.unembed(jnp.asarray(table), jnp.asarray(h), cfg, transposed=True)   # a tied table [V, D]
+    untied = layers.unembed(jnp.asarray(table.T), jnp.asarray(h), cfg)                    # the unembedding [D, V]
+    np.testing.assert_array_equal(layers.embed(jnp.asarray(table.T), jnp.asarray(tokens), jnp.float32, vocab_axis=1), x)
     assert logits.shape == (3, 50) and logits.dtype == jnp.float32
+    assert_close(untied, logits, REL)
     expected = 2.0 * np.tanh((h.astype(np.float64) @ table.T.astype(np.float64))[:, :50] / 2.0)
     assert_close(logits, expected, REL)
     assert float(jnp.abs(logits).max()) <= 2.0   # tanh saturates to exactly 1 in float32

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import model
+import parameters
 import np_reference as ref
 from numerics import assert_close
 from configs.base import ModelConfig
@@ -241,7 +242,20 @@ def test_decoding_through_the_cache_matches_the_full_forward(opts):
     for t in range(5, T):                                                     # then one at a time
         logits, cache = step(params, toks[:, t:t + 1], cache)
         assert_close(logits[:, 0], full[:, t], rel=1e-5)
-    assert int(cache["index"]) == T and cache["k"].shape == (cfg.n_layers, B, T, cfg.n_kv_heads, cfg.head_dim)
+    assert int(cache["index"]) == T and len(cache["k"]) == cfg.n_layers
+    assert all(k.shape == (B, cfg.n_kv_heads, T, cfg.head_dim) for k in cache["k"] + cache["v"])
+
+
+def test_the_decode_layout_gives_the_stacked_layouts_logits():
+    cfg = tiny(n_kv_heads=2)
+    params, toks = params_for(cfg), tokens(cfg)
+    split = model.decode_layout(params, cfg)
+    assert isinstance(split["blocks"], tuple) and len(split["blocks"]) == cfg.n_layers
+    np.testing.assert_array_equal(split["blocks"][1]["attn"]["wo"], params["blocks"]["attn"]["wo"][1])
+    assert "embed" not in split and split["unembed"].shape == (cfg.d_model, cfg.padded_vocab)   # tied, kept once
+    assert_close(model.forward(split, toks, cfg)[0], model.forward(params, toks, cfg)[0], rel=1e-6)
+    cached = [model.forward(p, toks[:, :4], cfg, cache=model.init_cache(cfg, B, T))[0] for p in (params, split)]
+    assert_close(cached[1], cached[0], rel=1e-6)
 
 
 @pytest.mark.parametrize("pos", ["rope", "learned"])
@@ -268,10 +282,10 @@ def test_left_padded_rows_match_their_prompts_alone(pos):
 
 def test_a_misspelled_logical_axis_fails_in_one_line():
     with pytest.raises(ValueError, match=r"unknown logical axis 'embd'; valid: .*embed") as err:
-        model.ParamSpec((2, 3), ("embd", None), "float32", jax.nn.initializers.zeros)
+        parameters.ParamSpec((2, 3), ("embd", None), "float32", jax.nn.initializers.zeros)
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="do not match shape"):
-        model.ParamSpec((2, 3), ("embed",), "float32", jax.nn.initializers.zeros)
+        parameters.ParamSpec((2, 3), ("embed",), "float32", jax.nn.initializers.zeros)
 
 
 def _doubled_dense(monkeypatch):
@@ -300,7 +314,7 @@ def _layer_by_layer(params, toks, cfg):
         x_ND, _, block_aux = model.block(p, x_ND, cfg, kind, b, jnp.arange(t))
         aux = aux + sum(block_aux.get("losses", {}).values())
     x_ND = model.layers.norm(params["final_norm"], x_ND, cfg)
-    return model.layers.unembed(params["embed"].T, x_ND, cfg).reshape(b, t, -1), aux
+    return model.layers.unembed(params["embed"], x_ND, cfg).reshape(b, t, -1), aux
 
 
 def test_mixed_block_pattern_scans_one_stack_per_kind(monkeypatch):

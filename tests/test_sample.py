@@ -2,6 +2,7 @@
 against a full recomputation, YaRN past the trained context, left-padded batches, seeds, one
 loop that streams), every one-line error, and the command line end to end on a checkpoint written
 by a tiny train.py run (conftest's `tiny_run`)."""
+import base64
 import dataclasses
 import os
 import subprocess
@@ -16,9 +17,10 @@ import checkpoint
 import data
 import model
 import sample
+import sampling
 from configs.base import ModelConfig
 from conftest import REPO
-from sample import Sampling
+from sampling import Sampling
 
 GREEDY = Sampling(temperature=0.0)
 # GQA, and a vocabulary padded 61 -> 64. A wide embedding spreads the logits, so argmax is never a
@@ -53,12 +55,12 @@ def allowed_tokens(logits, top_k, top_p) -> set:
 @pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (None, 0.6), (12, 0.5), (1, 1.0), (None, 1e-6)])
 def test_top_k_and_top_p_never_emit_an_excluded_token(top_k, top_p):
     logits_BV = 2.0 * jax.random.normal(jax.random.key(1), (64, 61))
-    kept = np.isfinite(np.asarray(sample.filter_logits(logits_BV, top_k, top_p)))
+    kept = np.isfinite(np.asarray(sampling.filter_logits(logits_BV, top_k, top_p)))
     for row, logits in zip(kept, np.asarray(logits_BV, np.float64)):
         assert set(np.flatnonzero(row).tolist()) == allowed_tokens(logits, top_k, top_p)
     # 4000 draws from one row: every token drawn is allowed, and every allowed token is drawn.
     many_BV = jnp.broadcast_to(logits_BV[0], (4000, 61))
-    draws = jax.jit(sample.sample_next, static_argnums=2)(jax.random.key(2), many_BV, Sampling(1.0, top_k, top_p))
+    draws = jax.jit(sampling.sample_next, static_argnums=2)(jax.random.key(2), many_BV, Sampling(1.0, top_k, top_p))
     assert set(np.unique(draws).tolist()) == allowed_tokens(np.asarray(logits_BV[0], np.float64), top_k, top_p)
 
 
@@ -67,7 +69,7 @@ def test_sampling_values_are_checked():
                         (dict(top_k=0), "--top-k 0 must be >= 1"),
                         (dict(top_p=0.0), r"--top-p 0.0 must be in \(0, 1\]"),
                         (dict(top_p=1.5), r"--top-p 1.5 must be in \(0, 1\]")]:
-        with pytest.raises(sample.SampleError, match=msg):
+        with pytest.raises(sampling.SampleError, match=msg):
             Sampling(**kwargs)
 
 
@@ -180,6 +182,7 @@ def fails(argv, match):
     (["--top-k", "x"], "argument --top-k: invalid int value: 'x'"),
     (["--num-samples", "0"], "--num-samples 0 must be >= 1"),
     (["--step", "3"], "--step needs --run"),
+    (["--quantize", "int4"], "--quantize int4: unknown scheme; valid: int8"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file /nonexistent/prompt.txt: no such file"),
 ])
 def test_bad_inputs_fail_in_one_line_before_loading(no_loading, extra, match):
@@ -209,3 +212,59 @@ def test_sample_py_streams_from_a_trained_checkpoint_end_to_end(tiny_run, capsys
     # Two samples at once are not streamed; greedy, each is the streamed one.
     sample.main(args + ["--num-samples", "2", "--step", "8"])
     assert capsys.readouterr().out == streamed + "---\n" + streamed
+
+
+# --- Speculative decoding from the command line (the algorithm: tests/test_speculative.py) ------
+
+TINY_PRESET = """from configs.base import Config, DataConfig, ModelConfig
+config = Config(model=ModelConfig(vocab_size={vocab}, seq_len=32, n_layers=1, d_model=16, n_heads=2),
+                data=DataConfig(path="data/stdlib"))
+"""
+
+
+def draft_preset(tmp_path, vocab=257):
+    path = tmp_path / f"draft{vocab}.py"
+    path.write_text(TINY_PRESET.format(vocab=vocab))
+    return str(path)
+
+
+def test_a_draft_leaves_greedy_output_unchanged(tmp_path, capsys):
+    args = RANDOM + ["--prompt", "ab", "--max-new-tokens", "12", "--temperature", "0"]
+    sample.main(args)
+    plain = capsys.readouterr().out
+    sample.main(args + ["--draft-config", draft_preset(tmp_path), "--lookahead", "3"])
+    captured = capsys.readouterr()
+    assert captured.out == plain and "draft tokens accepted" in captured.err
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--lookahead", "2"], "--lookahead needs a draft"),
+    (["--draft-config", "DRAFT", "--lookahead", "0"], "--lookahead 0 must be >= 1"),
+    (["--draft-config", "DRAFT4000"], "draft vocabulary mismatch: the draft's model.vocab_size is 4000 but the target's is 257"),
+    (["--draft-config", "DRAFT", "--prompt", "x" * 20, "--max-new-tokens", "8"],
+     r"draft context mismatch: prompt \(21 tokens\) \+ 8 new tokens \+ --lookahead 4 = 33 > the draft's context of 32"),
+])
+def test_bad_draft_inputs_fail_in_one_line_before_loading(tmp_path, no_loading, extra, match):
+    extra = [{"DRAFT": draft_preset(tmp_path), "DRAFT4000": draft_preset(tmp_path, 4000)}.get(x, x) for x in extra]
+    fails(RANDOM + extra, match)
+
+
+def test_a_draft_with_another_tokenizer_fails_in_one_line(tmp_path, corpus, no_loading):
+    """Target and draft each decode with their data's tokenizer: bytes, and a 200-rank file."""
+    other = tmp_path / "other"
+    other.mkdir()
+    ranks = "".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(200))
+    (other / "tiny.tiktoken").write_text(ranks)
+    data.write_meta(other, "tiny.tiktoken", 200, 201)
+    draft = tmp_path / "draft.py"
+    draft.write_text(TINY_PRESET.format(vocab=257).replace('"data/stdlib"', repr(str(other))))
+    target = RANDOM[:RANDOM.index("--tokenizer")] + [f"data.path={corpus}"]
+    fails(target + ["--draft-config", str(draft)],
+          r"draft tokenizer mismatch: the draft decodes with 'tiny' \(201 ids\) but the target with 'bytes'")
+
+
+def test_int8_weights_decode_and_report_the_memory_saved(capsys):
+    """The logit error bound is tests/test_quantize.py's; here the command line end to end."""
+    sample.main(RANDOM + ["--prompt", "ab", "--max-new-tokens", "6", "--quantize", "int8"])
+    captured = capsys.readouterr()
+    assert captured.out.startswith("ab") and "quantized: parameters" in captured.err

@@ -179,7 +179,7 @@ def test_groups_lr_and_decay_follow_optimizer_py():
     cfg = train_config("gpt2", tie_embeddings=False)
     module = tm.GPT(cfg.model)
     opt, _ = tt.make_optimizer(module, cfg)
-    by_tensor = {id(p): name for name, p in module.named_parameters()}
+    by_tensor = {id(p): name for name, p in module.named_jax_parameters()}
     got = {by_tensor[id(p)]: (g["lr"] / tt.lr_factor(OPTIM, STEPS, 0), g["weight_decay"])
            for g in opt.param_groups for p in g["params"]}
     decayed = {"embed", "pos_embed", "unembed", "blocks.attn.wqkv", "blocks.attn.wo", "blocks.mlp.w_in",
@@ -190,7 +190,7 @@ def test_groups_lr_and_decay_follow_optimizer_py():
     for name, (lr, _) in got.items():
         want = peaks.get(name, 1e-3 if name in decayed else 3e-4)
         assert lr == pytest.approx(want, rel=1e-12), name
-    assert got.keys() == {n for n, _ in module.named_parameters()}
+    assert got.keys() == {n for n, _ in module.named_jax_parameters()}
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "constant"])

@@ -1,9 +1,9 @@
 """The PyTorch twin of optimizer.py and train.train_step: the optimizer a Config describes and one
 training step, for the benchmark (`python bench.py train`) and tests/test_torch_parity.py.
 
-AdamW with optimizer.py's parameter groups (weight decay on matrices only, each group at its own
-peak lr), the same lr schedule by step, and global-norm clipping before the update. Muon has no
-twin. Load this file by path, like torch/model.py: benchmarks.common.load_twin("train").
+AdamW (torch's fused kernel) with optimizer.py's parameter groups (weight decay on matrices only,
+each group at its own peak lr), the same lr schedule by step, and global-norm clipping before the
+update. Muon has no twin. Load this file by path, like torch/model.py: benchmarks.common.load_twin("train").
 
     opt, schedule = make_optimizer(module, cfg)
     step = make_step(module, opt, schedule, cfg.optim.clip_norm)     # step(inputs, targets) -> loss
@@ -41,7 +41,7 @@ def group_settings(optim) -> dict[str, tuple[float, float]]:
 
 
 def group_names(cfg) -> dict[str, str]:
-    """optimizer.param_groups by the twin's parameter names (the JAX paths joined by dots)."""
+    """optimizer.param_groups by JAX path joined by dots (GPT.named_jax_parameters' names)."""
     flat = jax.tree_util.tree_flatten_with_path(optimizer.param_groups(cfg))[0]
     return {".".join(key.key for key in path): group for path, group in flat}
 
@@ -53,12 +53,13 @@ def make_optimizer(module: torch.nn.Module, cfg) -> tuple[torch.optim.AdamW, tor
         raise ValueError(f"optim.name={optim.name!r}: the PyTorch twin has AdamW only; set optim.name=adamw")
     names = group_names(cfg)
     members = {group: [] for group in optimizer.GROUPS}
-    for name, param in module.named_parameters():
+    for name, param in module.named_jax_parameters():
         members[names[name]].append(param)
     settings = group_settings(optim)
     groups = [{"params": params, "lr": settings[group][0], "weight_decay": settings[group][1], "name": group}
               for group, params in members.items() if params]
-    opt = torch.optim.AdamW(groups, betas=(optim.b1, optim.b2), eps=optim.eps)
+    # Fused: one kernel per parameter group, the same update as the per-tensor loop (optax's adamw).
+    opt = torch.optim.AdamW(groups, betas=(optim.b1, optim.b2), eps=optim.eps, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(optim, cfg.train.steps, step))
     return opt, schedule
 
