@@ -314,7 +314,7 @@ def _layer_by_layer(params, toks, cfg):
         x_ND, _, block_aux = model.block(p, x_ND, cfg, kind, b, jnp.arange(t))
         aux = aux + sum(block_aux.get("losses", {}).values())
     x_ND = model.layers.norm(params["final_norm"], x_ND, cfg)
-    return model.layers.unembed(params["embed"], x_ND, cfg).reshape(b, t, -1), aux
+    return model.layers.unembed(params["embed"], x_ND, cfg, transposed=True).reshape(b, t, -1), aux
 
 
 def test_mixed_block_pattern_scans_one_stack_per_kind(monkeypatch):
