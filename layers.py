@@ -50,11 +50,11 @@ def matmul(x_NI, w, preferred_element_type=None, transposed: bool = False):
     XLA:CPU still materializes the converted operand of each dot, so on a CPU this saves memory,
     not decode time (timings: quantize.py)."""
     quantized = isinstance(w, Int8Weight)
-    w_IO = (w.q if quantized else w).astype(x_NI.dtype)
-    if transposed:
-        y_NO = jax.lax.dot_general(x_NI, w_IO, (((1,), (1,)), ((), ())), preferred_element_type=preferred_element_type)
-    else:
-        y_NO = jnp.dot(x_NI, w_IO.reshape(x_NI.shape[-1], -1), preferred_element_type=preferred_element_type)
+    dense = (w.q if quantized else w).astype(x_NI.dtype)
+    if transposed:   # [O, I]
+        y_NO = jax.lax.dot_general(x_NI, dense, (((1,), (1,)), ((), ())), preferred_element_type=preferred_element_type)
+    else:            # [I..., O...]
+        y_NO = jnp.dot(x_NI, dense.reshape(x_NI.shape[-1], -1), preferred_element_type=preferred_element_type)
     if not quantized:
         return y_NO
     # The scale in float32: rounded to bf16 it would bias whole output channels.

@@ -134,11 +134,14 @@ def speculative_rows(args) -> list[dict]:
         plain = lambda: sample.generate(params, cfg.model, prompts[:batch], args.new, how)
         plain_s = common.time_steps(plain, args.repeats, warmup=0)[1]
         for k in args.lookahead:
-            spec = lambda: speculative.generate(params, cfg.model, draft, draft_cfg.model, prompts[:batch],
-                                                args.new, k, how)
+            stats = {}    # the timed runs' own statistics (a seed fixes them), not an extra run
+
+            def spec():
+                stats.update(speculative.generate(params, cfg.model, draft, draft_cfg.model, prompts[:batch],
+                                                  args.new, k, how)[1])
             spec_s = common.time_steps(spec, args.repeats, warmup=0)[1]
             rows.append({"batch": batch, "temperature": temperature, "lookahead": k,
-                         "acceptance_rate": spec()[1]["acceptance_rate"], "plain_tokens_per_s": batch * args.new / plain_s,
+                         "acceptance_rate": stats["acceptance_rate"], "plain_tokens_per_s": batch * args.new / plain_s,
                          "speculative_tokens_per_s": batch * args.new / spec_s, "speedup": plain_s / spec_s})
     table = [("batch", "temperature", "lookahead K", "acceptance", "plain tok/s", "speculative tok/s", "speedup")]
     table += [(r["batch"], f"{r['temperature']:g}", r["lookahead"], f"{r['acceptance_rate']:.0%}",
