@@ -10,6 +10,8 @@
     python bench.py decode --target runs/BIG --draft runs/SMALL [--lookahead 2,4,8]   # speculative
     python bench.py mesh [--config configs/NAME.py] [section.field=value ...] [--batch 8] [--seq 256]
         [--steps 5] [--warmup 2] [--default-malloc]                  # dp vs fsdp, simulated devices
+    python bench.py profile [--config configs/NAME.py] [section.field=value ...] [--batch 8] [--seq 256]
+        [--steps 3] [--warmup 2] [--default-malloc]                  # a JAX step's time per op category
 
 Every subcommand takes --json FILE (its rows, as measured) and ends by saying how busy other
 processes kept the machine: on a shared machine, rerun when that is ~0. Speed is measured here,
@@ -30,7 +32,7 @@ from cli import Parser
 from configs.base import ConfigError
 
 RUNNERS = {"train": "benchmarks.train_step", "loader": "benchmarks.loader", "decode": "benchmarks.decode",
-           "mesh": "benchmarks.mesh"}
+           "mesh": "benchmarks.mesh", "profile": "benchmarks.profile"}
 
 
 def positive(text: str) -> int:
@@ -103,13 +105,21 @@ def add_others(commands, shared) -> None:
     p.add_argument("--steps", type=positive, default=5)
     p.add_argument("--warmup", type=non_negative, default=2)
     p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc at its defaults")
+    p = commands.add_parser("profile", parents=[shared], help="where a JAX training step's time goes, per op category")
+    p.add_argument("--config", help="a preset file (default configs/small_6x384.py)")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    p.add_argument("--batch", type=positive, default=8)
+    p.add_argument("--seq", type=positive, default=256)
+    p.add_argument("--steps", type=positive, default=3, help="traced steps")
+    p.add_argument("--warmup", type=non_negative, default=2)
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc at its defaults")
 
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     shared = Parser(add_help=False)
     shared.add_argument("--json", help="write the rows to this file")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,loader,decode,mesh}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,loader,decode,mesh,profile}")
     add_train(commands, shared)
     add_others(commands, shared)
     args, extra = parser.parse_known_args(argv)

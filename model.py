@@ -236,6 +236,14 @@ def _stack_stats(stats: dict) -> dict:
     return {name: jax.tree.map(lambda *v: jnp.stack(v), *values) for name, values in stats.items()}
 
 
+# What the backward pass keeps of each scanned block's forward (the rest it recomputes): "dots"
+# keeps the weight matmuls' outputs and recomputes norms, activations and attention, which is
+# faster than "none" on a CPU, where keeping every residual costs more in buffer writes than the
+# recomputation does (notes/training.md, "Remat").
+REMAT_POLICIES = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable}
+
+
 def _run_blocks(params, x_ND, cfg: ModelConfig, batch: int, positions):
     """Training and evaluation (no cache, stacked weights): scan the block pattern over its R
     repeats, each kind's stack [L, ...] read as [R, c, ...] (c: the kind's count per repeat), so
@@ -254,8 +262,8 @@ def _run_blocks(params, x_ND, cfg: ModelConfig, batch: int, positions):
             x_ND, _, block_aux = block(p, x_ND, cfg, kind, batch, positions)
             _add_aux(block_aux, losses, stats)
         return x_ND, (losses, _stack_stats(stats))
-    if cfg.remat:
-        step = jax.checkpoint(step)
+    if cfg.remat != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[cfg.remat])
     x_ND, (losses, stats) = jax.lax.scan(step, x_ND, stacks)
     stats = jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), stats)   # [R, c, ...] -> layers
     return x_ND, {"losses": {name: jnp.sum(value) for name, value in losses.items()}, **stats}

@@ -170,7 +170,7 @@ class ModelConfig(_Validated):
     # Numerics and memory.
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: bool = False              # recompute each block in the backward pass
+    remat: str = "dots"              # none | dots (keep weight-matmul outputs, recompute the rest) | full
     # Mixture of experts (n_experts > 0): every moe_every-th block's MLP is a routed MoE.
     n_experts: int = 0               # 0: dense model
     top_k: int = 2                   # experts per token (topk_softmax router)
@@ -191,6 +191,7 @@ class ModelConfig(_Validated):
         _choice(s, "norm_position", self.norm_position, ("pre", "post"))
         _choice(s, "pos", self.pos, ("rope", "learned", "none"))
         _choice(s, "attn_impl", self.attn_impl, ("xla", "cudnn", "einsum"))
+        _choice(s, "remat", self.remat, ("none", "dots", "full"))
         _choice(s, "mlp", self.mlp, tuple(MLPS))
         _choice(s, "d_ff_rule", self.d_ff_rule, ("auto", "4x", "8/3"))
         for name in ("init", "embed_init", "unembed_init"):

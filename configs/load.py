@@ -77,6 +77,16 @@ def config_to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
+# Fields that were booleans once: a run's config.json from before keeps its meaning.
+_WERE_BOOLS = {("model", "remat"): {False: "none", True: "full"}}
+
+
+def _upgrade(section: str, name: str, value):
+    if isinstance(value, bool) and (section, name) in _WERE_BOOLS:
+        return _WERE_BOOLS[section, name][value]
+    return tuple(value) if isinstance(value, list) else value
+
+
 def config_from_dict(d: dict) -> Config:
     """Inverse of config_to_dict (e.g. a run's config.json); unknown keys fail with a suggestion."""
     sections = {}
@@ -88,7 +98,7 @@ def config_from_dict(d: dict) -> Config:
             if name not in hints:
                 _fail(f"unknown key '{section}.{name}'{_closest(name, hints)}")
         cls = typing.get_type_hints(Config)[section]
-        sections[section] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        sections[section] = cls(**{k: _upgrade(section, k, v) for k, v in values.items()})
     return Config(name=d.get("name", ""), **sections)
 
 

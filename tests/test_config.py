@@ -55,6 +55,13 @@ def test_dict_round_trip_through_json():
     assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
 
 
+@pytest.mark.parametrize("saved, remat", [(False, "none"), (True, "full")])
+def test_a_run_saved_when_remat_was_a_boolean_keeps_its_meaning(saved, remat):
+    d = config_to_dict(load_config("configs/quickstart.py"))
+    d["model"]["remat"] = saved
+    assert config_from_dict(json.loads(json.dumps(d))).model.remat == remat
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model.n_heads=8", "model.n_kv_heads=3"], "model.n_heads=8 is not divisible by model.n_kv_heads=3; valid n_kv_heads: [1, 2, 4, 8]"),
     (["model.n_heads=3"], "model.d_model=256 is not divisible by model.n_heads=3"),

@@ -34,7 +34,7 @@ GRID = {
     "headdim-yarn-einsum": dict(head_dim=12, yarn_factor=4.0, rope_theta=1e6, attn_impl="einsum",
                                 init="fan_in", embed_init="fan_in"),
     "layernorm-noscale-zeroinit": dict(norm="layernorm", norm_scale=False, zero_init_out=True,
-                                       d_ff_rule="4x", z_loss=1e-3, remat=True),
+                                       d_ff_rule="4x", z_loss=1e-3, remat="full"),
 }
 
 
@@ -125,12 +125,13 @@ def test_bfloat16_params():
     assert bool(jnp.isfinite(model.forward(params, tokens(cfg), cfg)[0]).all())
 
 
-def test_remat_gives_the_same_gradients():
-    cfg = tiny(n_kv_heads=2)
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_gives_the_same_gradients(remat):
+    cfg = tiny(n_kv_heads=2, n_layers=3, remat="none")
     params, batch = params_for(cfg), {"inputs": tokens(cfg), "targets": tokens(cfg, 1)}
     grad = lambda c: jax.grad(lambda p: model.loss_fn(p, batch, c)[0])(params)
     jax.tree.map(lambda a, b: assert_close(a, b, rel=1e-5),
-                 grad(cfg), grad(dataclasses.replace(cfg, remat=True)))
+                 grad(cfg), grad(dataclasses.replace(cfg, remat=remat)))
 
 
 def test_attention_backends_agree_inside_the_model():
@@ -344,3 +345,16 @@ def test_mixed_block_pattern_decodes_through_the_cache(monkeypatch):
         logits, aux = model.forward(params, toks[:, t:t + 1], cfg, cache=cache)
         cache = aux["cache"]
         assert_close(logits[:, 0], full[:, t], rel=1e-5)
+
+
+def test_remat_keeps_less_for_the_backward_pass():
+    """What each policy keeps shows in the compiled step's temporary buffers: none > dots > full."""
+    cfg = tiny(n_layers=4, seq_len=64, d_model=64)
+    params, batch = params_for(cfg), {"inputs": tokens(cfg, shape=(8, 64)), "targets": tokens(cfg, 1, shape=(8, 64))}
+
+    def temp_bytes(remat):
+        c = dataclasses.replace(cfg, remat=remat)
+        grad = jax.jit(jax.grad(lambda p: model.loss_fn(p, batch, c)[0]))
+        return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+    none, dots, full = (temp_bytes(r) for r in ("none", "dots", "full"))
+    assert none > dots > full, (none, dots, full)

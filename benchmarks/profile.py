@@ -1,0 +1,173 @@
+"""Where a JAX training step's time goes, per category of operation: `python bench.py profile`.
+
+train.py's step (as `bench.py train` builds it) runs under jax.profiler for a few steps. Every
+event in the trace whose name is a top-level instruction of the compiled program (an XLA
+thunk: a fusion, a dot, a copy) is summed into the category of that instruction, read from the
+compiled HLO: a fusion is classified by what it contains. Times are op time summed over the
+threads that ran them, per step, so they can add up to more than the step's wall time when ops
+run side by side; "cores busy" says how much.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from benchmarks import common, train_step
+from cli import format_table
+from configs.load import load_config, preset_path
+
+CATEGORIES = {
+    "weight matmuls": "dots without batch dimensions: projections, MLP, unembedding, and their gradients",
+    "attention matmuls": "batched dots: QK^T, PV and their gradients",
+    "reductions": "fusions with a reduce: norms' statistics, softmax, loss, bias gradients",
+    "elementwise": "loop fusions: activations, RoPE, residual adds, the optimizer update",
+    "copies and transposes": "copy, transpose, concatenate, slice, pad",
+    "layer slicing and stacking": "dynamic-slice / dynamic-update-slice: the scan reading and writing stacked arrays",
+    "buffer fills": "broadcasts of a constant: buffers zeroed or filled each step",
+    "other": "everything else (custom calls, sorts, scatters, RNG)",
+}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*? ([a-z][a-z0-9-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
+_CONTAINERS = {"while", "call", "conditional", "parameter", "get-tuple-element", "tuple", "constant", "bitcast"}
+_MOVES = {"copy", "transpose", "concatenate", "slice", "pad", "reshape", "bitcast", "parameter", "constant",
+          "broadcast", "iota", "convert"}
+
+
+def parse_hlo(text: str) -> dict[str, list[tuple[str, str, str]]]:
+    """computation name -> its instructions as (name, opcode, rest of the line)."""
+    computations, current = defaultdict(list), None
+    for line in text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            current = header.group(1)
+            continue
+        match = _INSTRUCTION.match(line)
+        if match and current:
+            computations[current].append(match.groups())
+    return computations
+
+
+def _opcodes(computations, name: str, seen=None) -> list[tuple[str, str]]:
+    """(opcode, rest) of every instruction in a computation and the computations it calls."""
+    seen = set() if seen is None else seen
+    seen.add(name)
+    out = []
+    for _, opcode, rest in computations.get(name, []):
+        out.append((opcode, rest))
+        for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest):
+            if callee not in seen:
+                out += _opcodes(computations, callee, seen)
+    return out
+
+
+def classify(opcode: str, rest: str, computations) -> str | None:
+    """The category of one top-level instruction; None for containers (a while loop's time is
+    its body's instructions)."""
+    if opcode in _CONTAINERS:
+        return None
+    inner = [(opcode, rest)]
+    if opcode == "fusion":
+        called = re.search(r"calls=%([\w.\-]+)", rest)
+        inner = _opcodes(computations, called.group(1)) if called else inner
+    ops = {op for op, _ in inner}
+    dots = [r for op, r in inner if op in ("dot", "convolution")]
+    if dots:
+        return "attention matmuls" if any("lhs_batch_dims" in r for r in dots) else "weight matmuls"
+    if ops & {"reduce", "reduce-window"}:
+        return "reductions"
+    if ops & {"dynamic-slice", "dynamic-update-slice"} and ops <= _MOVES | {"dynamic-slice", "dynamic-update-slice"}:
+        return "layer slicing and stacking"
+    if ops <= {"broadcast", "constant", "parameter", "bitcast"}:
+        return "buffer fills"
+    if ops <= _MOVES:
+        return "copies and transposes"
+    if ops & {"custom-call", "sort", "scatter", "gather", "rng", "rng-bit-generator"}:
+        return "other"
+    return "elementwise"
+
+
+def categories(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> category, for every instruction of every computation (the thunks a
+    trace names are top-level instructions of the entry and loop bodies)."""
+    computations = parse_hlo(hlo_text)
+    out = {}
+    for instructions in computations.values():
+        for name, opcode, rest in instructions:
+            category = classify(opcode, rest, computations)
+            if category:
+                out[name] = category
+    return out
+
+
+def op_times(trace_dir: str, names: dict[str, str]) -> tuple[Counter, Counter]:
+    """(seconds per category, seconds per instruction) summed over the trace's events."""
+    trace = json.load(gzip.open(next(Path(trace_dir).rglob("*.trace.json.gz"))))
+    per_category, per_op = Counter(), Counter()
+    for event in trace["traceEvents"]:
+        if event.get("ph") == "X" and event["name"] in names:
+            per_category[names[event["name"]]] += event["dur"] / 1e6
+            per_op[event["name"]] += event["dur"] / 1e6
+    return per_category, per_op
+
+
+def profile_worker(cfg, batch: dict, steps: int, warmup: int) -> dict:
+    """Trace `steps` steps of train.py's step after `warmup` untimed ones (in a spawned worker)."""
+    import time
+
+    import jax
+
+    import sharding
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    state, step = train_step.jax_step(cfg, mesh)
+    data = jax.device_put(batch, sharding.batch_sharding(mesh))
+    step = step.lower(state, data).compile()   # the program the trace's names come from
+    hlo, memory = step.as_text(), step.memory_analysis()
+    for _ in range(warmup + 1):
+        state, metrics = step(state, data)
+        metrics["loss"].block_until_ready()
+    with tempfile.TemporaryDirectory() as trace_dir:
+        start, cpu = time.perf_counter(), time.process_time()
+        with jax.profiler.trace(trace_dir):
+            for _ in range(steps):
+                state, metrics = step(state, data)
+                metrics["loss"].block_until_ready()
+        wall, cpu = (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+        per_category, per_op = op_times(trace_dir, categories(hlo))
+    return {"wall_s": wall, "cpu_s": cpu, "temp_bytes": memory.temp_size_in_bytes,
+            "argument_bytes": memory.argument_size_in_bytes, "categories": {k: v / steps for k, v in per_category.items()},
+            "top": {k: v / steps for k, v in per_op.most_common(12)}}
+
+
+def table(result: dict) -> str:
+    busy = sum(result["categories"].values())
+    rows = [("category", "ms/step", "share", "what it holds")]
+    for name, what in CATEGORIES.items():
+        seconds = result["categories"].get(name, 0.0)
+        rows.append((name, f"{1e3 * seconds:,.1f}", f"{seconds / busy:.0%}", what))
+    rows.append(("all ops", f"{1e3 * busy:,.1f}", "100%",
+                 f"step wall {1e3 * result['wall_s']:,.1f} ms (traced); cores busy: in ops {busy / result['wall_s']:.2f}, "
+                 f"the process {result['cpu_s'] / result['wall_s']:.2f}"))
+    memory = (f"XLA's buffers: state and batch {result['argument_bytes'] / 2**20:,.0f} MiB (donated), "
+              f"temporaries {result['temp_bytes'] / 2**20:,.0f} MiB")
+    top = [("instruction", "ms/step")] + [(k, f"{1e3 * v:,.2f}") for k, v in result["top"].items()]
+    return format_table(rows, right=(1, 2)) + "\n" + memory + "\n\nslowest instructions:\n" + format_table(top, right=(1,))
+
+
+def run(args) -> list[dict]:
+    """`bench.py profile`: the table for --config (default the 6x384 suite shape)."""
+    name = args.config or str(preset_path("small_6x384"))
+    cfg = train_step.bench_config(load_config(name, args.overrides), args.batch, "float32", gpu=False)
+    hw = common.hardware(("jax",))
+    print(common.header("profile", hw, f"{cfg.name}: batch {args.batch} x seq {args.seq}, fp32, "
+                        f"attn_impl {cfg.model.attn_impl}, malloc {common.malloc_label()}; "
+                        f"{args.steps} traced steps after {args.warmup + 1}"))
+    batch = common.make_batch(args.batch, args.seq, cfg.model.vocab_size)
+    result = common.in_worker(profile_worker, cfg, batch, args.steps, args.warmup)
+    if "error" in result:
+        raise SystemExit(f"error: the profiled worker failed: {result['error']}")
+    print("\n" + table(result))
+    return [{"config": cfg.name, "batch": args.batch, "seq": args.seq, **result}]
