@@ -2,7 +2,7 @@
 
     python bench.py train (--suite | --config configs/NAME.py) [section.field=value ...]
         [--batch 4 --seq 256] [--steps N] [--warmup 2] [--dtype float32|bfloat16]
-        [--modes jit,eager,compile] [--layouts] [--default-malloc]   # JAX vs the PyTorch twin
+        [--modes jit,eager,compile] [--layouts] [--default-malloc] [--avx2]   # JAX vs the PyTorch twin
     python bench.py loader [--steps 500] [--cold-steps 50] [--repeats 3] [--batch 64] [--seq 1024]
         [--shard-tokens 100000000]                                   # data.py's loader vs raw memmap
     python bench.py decode [--config configs/NAME.py [section.field=value ...]] [--batches 1,16]
@@ -11,7 +11,7 @@
     python bench.py mesh [--config configs/NAME.py] [section.field=value ...] [--batch 8] [--seq 256]
         [--steps 5] [--warmup 2] [--default-malloc]                  # dp vs fsdp, simulated devices
     python bench.py profile [--config configs/NAME.py] [section.field=value ...] [--batch 8] [--seq 256]
-        [--steps 3] [--warmup 2] [--default-malloc]                  # a JAX step's time per op category
+        [--steps 3] [--warmup 2] [--default-malloc] [--avx2]         # a JAX step's time per op category
 
 Every subcommand takes --json FILE (its rows, as measured) and ends by saying how busy other
 processes kept the machine: on a shared machine, rerun when that is ~0. Speed is measured here,
@@ -76,6 +76,8 @@ def add_train(commands, shared) -> None:
     p.add_argument("--layouts", action="store_true", help="JAX only, under each attention backend (attn_impl)")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc at its defaults "
                    "(see MALLOC_REUSE in benchmarks/common.py)")
+    p.add_argument("--avx2", action="store_true", help="cap both frameworks' kernels at AVX2 (AVX2_ENV in "
+                   "benchmarks/common.py): a laptop's picture on an AVX-512 CPU")
 
 
 def add_others(commands, shared) -> None:
@@ -113,6 +115,7 @@ def add_others(commands, shared) -> None:
     p.add_argument("--steps", type=positive, default=3, help="traced steps")
     p.add_argument("--warmup", type=non_negative, default=2)
     p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc at its defaults")
+    p.add_argument("--avx2", action="store_true", help="cap XLA's kernels at AVX2")
 
 
 def parse_args(argv=None):
@@ -151,6 +154,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if not getattr(args, "default_malloc", True):  # train and mesh spawn workers; the others do not
         os.environ["GLIBC_TUNABLES"] = common.MALLOC_REUSE  # read by each spawned worker at startup
+    if getattr(args, "avx2", False):
+        common.cap_at_avx2()
     mark = common.load_mark()
     try:
         rows = importlib.import_module(RUNNERS[args.command]).run(args)

@@ -184,8 +184,9 @@ def table(model_cfg, strategy: str, mesh: Mesh, abstract_state: dict, shardings:
 def memory_per_device(model_cfg, strategy: str, devices: int) -> dict:
     """Estimated bytes per device for AdamW training, with all devices on the fsdp axis (or the data
     axis under dp): parameters, optimizer state (two moments in the parameter dtype), and the
-    activations of one sequence at full context in bf16 without remat, L T (34 D + 5 H T)
-    (Korthikanti et al., 2022), plus float32 logits and their gradient, 2 T V 4."""
+    activations of one sequence at full context in bf16 with nothing recomputed (remat=none: an
+    upper bound), L T (34 D + 5 H T) (Korthikanti et al., 2022), plus float32 logits and their
+    gradient, 2 T V 4."""
     sizes = {axis: 1 for axis in MESH_AXES} | ({"data": devices} if strategy == "dp" else {"fsdp": devices})
     plan = types.SimpleNamespace(shape=sizes)
     rules = rules_for(strategy)

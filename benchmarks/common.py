@@ -31,6 +31,9 @@ MALLOC_REUSE = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.tr
 # The instruction-set extensions that decide matmul speed (x86 flags, then Arm features).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "asimd", "sve", "sve2")
 PEAK_REPS = 10   # timed matmuls behind each framework's peak
+# Caps both frameworks' CPU kernels at AVX2 on an AVX-512 machine (most laptops have AVX2 only):
+# PyTorch's own kernels, MKL's sgemm and oneDNN's; XLA_FLAGS gains --xla_cpu_max_isa=AVX2.
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
 
 
 # --- Timing and memory ---------------------------------------------------------------------------
@@ -99,6 +102,12 @@ def malloc_label() -> str:
     tuned (MALLOC_REUSE), default, or the tunables given."""
     tunables = os.environ.get("GLIBC_TUNABLES")
     return "default" if not tunables else "tuned" if tunables == MALLOC_REUSE else f"GLIBC_TUNABLES={tunables}"
+
+
+def cap_at_avx2() -> None:
+    """AVX2 kernels only, for the workers spawned from now on (they read the environment at startup)."""
+    os.environ.update(AVX2_ENV)
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_max_isa=AVX2".strip()
 
 
 def in_worker(fn, *args):
@@ -198,6 +207,9 @@ def header(command: str, hw: dict, extra: str = "") -> str:
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = [f"bench.py {command} · {now:%Y-%m-%d %H:%M} UTC · {hw['cpu']}, {hw['cores']} cores "
              f"({' '.join(hw['isa']) or 'no vector extensions listed'}) · python {hw['python']}"]
+    settings = [f"{k}={os.environ[k]}" for k in ("XLA_FLAGS", *AVX2_ENV) if os.environ.get(k)]
+    if settings:
+        lines.append("environment: " + " ".join(settings))
     for name, f in hw["frameworks"].items():
         kind = "bf16 8192^3" if f["gpu"] else "fp32 2048^3"
         lines.append(f"{name} {f['version']} on {f['device']}: matmul peak ({kind}, median of {PEAK_REPS}) "

@@ -30,6 +30,7 @@ CATEGORIES = {
     "buffer fills": "broadcasts of a constant: buffers zeroed or filled each step",
     "other": "everything else (custom calls, sorts, scatters, RNG)",
 }
+PHASES = ("forward", "backward", "update")   # backward includes what remat recomputes; update: clipping, optimizer
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*? ([a-z][a-z0-9-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 _CONTAINERS = {"while", "call", "conditional", "parameter", "get-tuple-element", "tuple", "constant", "bitcast"}
@@ -90,28 +91,37 @@ def classify(opcode: str, rest: str, computations) -> str | None:
     return "elementwise"
 
 
-def categories(hlo_text: str) -> dict[str, str]:
-    """Instruction name -> category, for every instruction of every computation (the thunks a
-    trace names are top-level instructions of the entry and loop bodies)."""
+def phase(rest: str) -> str:
+    """Which part of the step an instruction belongs to, from the JAX op name XLA kept for it."""
+    name = re.search(r'op_name="([^"]*)"', rest)
+    name = name.group(1) if name else ""
+    return "backward" if "transpose(jvp(" in name else "forward" if "jvp(" in name else "update"
+
+
+def categories(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Instruction name -> (category, phase), for every instruction of every computation (the
+    thunks a trace names are top-level instructions of the entry and loop bodies)."""
     computations = parse_hlo(hlo_text)
     out = {}
     for instructions in computations.values():
         for name, opcode, rest in instructions:
             category = classify(opcode, rest, computations)
             if category:
-                out[name] = category
+                out[name] = (category, phase(rest))
     return out
 
 
-def op_times(trace_dir: str, names: dict[str, str]) -> tuple[Counter, Counter]:
-    """(seconds per category, seconds per instruction) summed over the trace's events."""
+def op_times(trace_dir: str, names: dict[str, tuple[str, str]]) -> tuple[Counter, Counter, Counter]:
+    """Seconds summed over the trace's events: per category, per phase, per instruction."""
     trace = json.load(gzip.open(next(Path(trace_dir).rglob("*.trace.json.gz"))))
-    per_category, per_op = Counter(), Counter()
+    per_category, per_phase, per_op = Counter(), Counter(), Counter()
     for event in trace["traceEvents"]:
         if event.get("ph") == "X" and event["name"] in names:
-            per_category[names[event["name"]]] += event["dur"] / 1e6
+            category, part = names[event["name"]]
+            per_category[category] += event["dur"] / 1e6
+            per_phase[part] += event["dur"] / 1e6
             per_op[event["name"]] += event["dur"] / 1e6
-    return per_category, per_op
+    return per_category, per_phase, per_op
 
 
 def profile_worker(cfg, batch: dict, steps: int, warmup: int) -> dict:
@@ -136,25 +146,32 @@ def profile_worker(cfg, batch: dict, steps: int, warmup: int) -> dict:
                 state, metrics = step(state, data)
                 metrics["loss"].block_until_ready()
         wall, cpu = (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
-        per_category, per_op = op_times(trace_dir, categories(hlo))
+        per_category, per_phase, per_op = op_times(trace_dir, categories(hlo))
     return {"wall_s": wall, "cpu_s": cpu, "temp_bytes": memory.temp_size_in_bytes,
             "argument_bytes": memory.argument_size_in_bytes, "categories": {k: v / steps for k, v in per_category.items()},
+            "phases": {k: v / steps for k, v in per_phase.items()},
             "top": {k: v / steps for k, v in per_op.most_common(12)}}
 
 
 def table(result: dict) -> str:
+    """Per category: ms/step and share of the op time; then the whole, the buffers, the phases and
+    the slowest instructions."""
     busy = sum(result["categories"].values())
     rows = [("category", "ms/step", "share", "what it holds")]
     for name, what in CATEGORIES.items():
         seconds = result["categories"].get(name, 0.0)
         rows.append((name, f"{1e3 * seconds:,.1f}", f"{seconds / busy:.0%}", what))
-    rows.append(("all ops", f"{1e3 * busy:,.1f}", "100%",
-                 f"step wall {1e3 * result['wall_s']:,.1f} ms (traced); cores busy: in ops {busy / result['wall_s']:.2f}, "
-                 f"the process {result['cpu_s'] / result['wall_s']:.2f}"))
-    memory = (f"XLA's buffers: state and batch {result['argument_bytes'] / 2**20:,.0f} MiB (donated), "
-              f"temporaries {result['temp_bytes'] / 2**20:,.0f} MiB")
-    top = [("instruction", "ms/step")] + [(k, f"{1e3 * v:,.2f}") for k, v in result["top"].items()]
-    return format_table(rows, right=(1, 2)) + "\n" + memory + "\n\nslowest instructions:\n" + format_table(top, right=(1,))
+    wall = result["wall_s"]
+    rows.append(("all ops", f"{1e3 * busy:,.1f}", "100%", f"step wall {1e3 * wall:,.1f} ms (traced); cores busy: "
+                 f"in ops {busy / wall:.2f}, the process {result['cpu_s'] / wall:.2f}"))
+    lines = [format_table(rows, right=(1, 2)),
+             f"XLA's buffers: state and batch {result['argument_bytes'] / 2**20:,.0f} MiB (donated), "
+             f"temporaries {result['temp_bytes'] / 2**20:,.0f} MiB",
+             "by phase: " + ", ".join(f"{name} {1e3 * result['phases'].get(name, 0.0):,.1f} ms" for name in PHASES),
+             "\nslowest instructions:",
+             format_table([("instruction", "ms/step")] + [(k, f"{1e3 * v:,.2f}") for k, v in result["top"].items()],
+                          right=(1,))]
+    return "\n".join(lines)
 
 
 def run(args) -> list[dict]:

@@ -2,11 +2,21 @@
 built once per session and shared by every test module that needs them."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, its pytest-xdist workers and every train.py
+# they start: most tests compile the same tiny model's step, and compiling is most of their time.
+# Set here, before JAX is imported, by the first process (workers and subprocesses inherit it).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="jax-test-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+else:
+    _CACHE = None
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -15,6 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 # A model small enough to train a few steps in seconds; any test adds its own overrides after these.
 TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.seq_len=32",
         "train.batch_size=4", "data.val_tokens=256", "train.log_every=1", "eval.every=4"]
+
+
+def pytest_unconfigure(config):
+    if _CACHE:    # only the process that made it removes it
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def run_train(corpus, run_dir, *overrides, config="configs/quickstart.py", extra=(), check=True,

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import bench
-from benchmarks import common, train_step
+from benchmarks import common, profile, train_step
 from configs.load import load_config, preset_path
 from conftest import REPO
 
@@ -119,6 +119,28 @@ def test_mesh_compares_strategies(tmp_path, capsys, canned_hardware):
     assert [line.split()[0] for line in table[1:]] == ["dp", "fsdp"]
     assert [r["strategy"] for r in rows] == ["dp", "fsdp"]
     assert rows[1]["params_bytes_per_device"] < rows[0]["params_bytes_per_device"]
+
+
+def test_profile_splits_the_step_into_op_categories(tmp_path, capsys, canned_hardware, monkeypatch):
+    monkeypatch.setattr(common, "in_worker", lambda fn, *args: fn(*args))
+    out, rows = run_bench(["profile", *TINY, "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0"],
+                          tmp_path, capsys)
+    table = table_lines(out, "category")
+    assert [line.split("  ")[0] for line in table[1:]] == [*profile.CATEGORIES, "all ops"]
+    seconds = rows[0]["categories"]
+    # The model's projections, its attention, its norms and its activations are all found.
+    assert all(seconds[name] > 0 for name in ("weight matmuls", "attention matmuls", "reductions", "elementwise"))
+    assert set(seconds) <= set(profile.CATEGORIES) and rows[0]["temp_bytes"] > 0
+
+
+def test_avx2_cap_reaches_both_frameworks_and_the_header(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    for name in common.AVX2_ENV:   # recorded as they were, so the teardown restores them
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    common.cap_at_avx2()
+    assert common.os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_cpu_max_isa=AVX2"
+    assert "ATEN_CPU_CAPABILITY=avx2" in common.header("train", CANNED)
 
 
 @pytest.mark.parametrize("args,message", [
