@@ -3,9 +3,11 @@
 train.py's step (as `bench.py train` builds it) runs under jax.profiler for a few steps. Every
 event in the trace whose name is a top-level instruction of the compiled program (an XLA
 thunk: a fusion, a dot, a copy) is summed into the category of that instruction, read from the
-compiled HLO: a fusion is classified by what it contains. Times are op time summed over the
-threads that ran them, per step, so they can add up to more than the step's wall time when ops
-run side by side; "cores busy" says how much.
+compiled HLO: a fusion is classified by what it contains. An op's time is its wall time on the
+thread that started it (a matmul spreads its work over the thread pool inside that one event), so
+the categories add up to about the step's wall time when ops run one after another, and to more
+when independent ops overlap; "cores busy" gives both that sum and the process's CPU time over
+the wall time.
 """
 from __future__ import annotations
 
