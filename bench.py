@@ -2,7 +2,7 @@
 
     python bench.py train (--suite | --config configs/NAME.py) [section.field=value ...]
         [--batch 4 --seq 256] [--steps N] [--warmup 2] [--dtype float32|bfloat16]
-        [--modes jit,eager,compile] [--layouts] [--default-malloc] [--avx2]   # JAX vs the PyTorch twin
+        [--modes jit,eager,compile] [--repeats 1] [--layouts] [--default-malloc] [--avx2]   # JAX vs the twin
     python bench.py loader [--steps 500] [--cold-steps 50] [--repeats 3] [--batch 64] [--seq 1024]
         [--shard-tokens 100000000]                                   # data.py's loader vs raw memmap
     python bench.py decode [--config configs/NAME.py [section.field=value ...]] [--batches 1,16]
@@ -69,6 +69,8 @@ def add_train(commands, shared) -> None:
     p.add_argument("--seq", type=positive, help="tokens per sequence (default 256, or the context if shorter)")
     p.add_argument("--steps", type=positive, help="timed steps (default 10; 5 with --suite)")
     p.add_argument("--warmup", type=non_negative, default=2, help="untimed steps after the first (default 2)")
+    p.add_argument("--repeats", type=positive, default=1, help="workers per mode, interleaved across modes; "
+                   "each figure is their median (on a shared machine whose speed drifts)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="compute dtype (default float32 on a CPU, bfloat16 on a GPU)")
     p.add_argument("--modes", type=modes, default=MODES,

@@ -19,6 +19,7 @@ cache in either framework.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import warnings
 
 from benchmarks import common
@@ -136,21 +137,39 @@ def cases(args, gpu: bool) -> list[tuple[Config, int]]:
     return out
 
 
+def measure(cfg: Config, data: dict, args, mode: str, gpu: bool) -> dict:
+    """One mode's step, measured --repeats times, each in its own worker, the modes interleaved by
+    the caller so that a shared machine's drift falls on every mode alike: the medians."""
+    if mode == "jit":
+        return common.in_worker(measure_jax, cfg, data, args.steps, args.warmup)
+    return common.in_worker(measure_torch, cfg, data, args.steps, args.warmup, mode, gpu)
+
+
+def median_result(results: list[dict]) -> dict:
+    """The median of each measured figure over repeats; the first error if any repeat failed."""
+    failed = [r for r in results if "error" in r]
+    if failed:
+        return failed[0]
+    return {key: None if results[0][key] is None else statistics.median(r[key] for r in results)
+            for key in results[0]}
+
+
 def run_case(cfg: Config, seq: int, args, hw: dict, modes) -> list[dict]:
-    """One row per mode, each measured in its own process."""
+    """One row per mode: the median of --repeats workers, the modes interleaved."""
     import model
     batch = cfg.train.batch_size
     data = common.make_batch(batch, seq, cfg.model.vocab_size)
     flops = model.flops_per_token(cfg.model, seq)
+    results = {mode: [] for mode in modes}
+    for _ in range(args.repeats):
+        for mode in modes:
+            results[mode].append(measure(cfg, data, args, mode, hw["gpu"]))
     rows = []
     for mode in modes:
-        if mode == "jit":
-            result = common.in_worker(measure_jax, cfg, data, args.steps, args.warmup)
-        else:
-            result = common.in_worker(measure_torch, cfg, data, args.steps, args.warmup, mode, hw["gpu"])
+        result = median_result(results[mode])
         row = {"framework": framework(mode), "mode": mode, "config": cfg.name, "batch": batch, "seq": seq,
                "dtype": cfg.model.compute_dtype, "attn_impl": cfg.model.attn_impl,
-               "malloc": common.malloc_label()}   # the environment the worker was spawned with
+               "malloc": common.malloc_label(), "repeats": args.repeats}   # the workers' environment
         if "error" in result:
             rows.append(row | {"error": result["error"]})
             continue
@@ -171,7 +190,8 @@ def case_title(cfg: Config, row: dict, args) -> str:
             f"{m.compute_dtype}, attn_impl {m.attn_impl}, {model.count_params(m) / 1e6:.1f}M params, "
             f"{model.flops_per_token(m, row['seq']) / 1e6:.1f} MFLOP/token; optim {cfg.optim.name}, "
             f"clip_norm {cfg.optim.clip_norm}, schedule {cfg.optim.schedule}; "
-            f"median of {args.steps} steps after {args.warmup + 1} warmup steps")
+            f"median of {args.steps} steps after {args.warmup + 1} warmup steps"
+            + (f", median of {args.repeats} workers per mode, interleaved" if args.repeats > 1 else ""))
 
 
 def speed_cells(row: dict) -> list[str]:
