@@ -18,7 +18,7 @@ import np_reference as ref
 import optimizer
 import sharding
 from benchmarks.common import load_twin
-from configs.base import Config, ConfigError, ModelConfig, OptimConfig, TrainConfig
+from configs.base import Config, ConfigError, OptimConfig, TrainConfig
 from configs.load import load_config
 from conftest import records, run_train
 from numerics import assert_close, assert_trees_close
