@@ -7,7 +7,4 @@ cd "$(dirname "$0")/.."
 .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
 [ -f data/stdlib/tokenizer.json ] || \
   .venv/bin/python corpus.py prepare --input stdlib --tokenizer bytes --out data/stdlib
-# XLA:CPU allocates each step's temporaries afresh; keeping freed memory mapped saves a quarter of
-# the step in page faults (notes/benchmarks.md), for more resident memory.
-export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776}
 .venv/bin/python train.py --config configs/quickstart.py "$@"
