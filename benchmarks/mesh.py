@@ -27,10 +27,8 @@ def measure(config: str, overrides: list, strategy: str, batch: int, seq: int, s
     import sharding
     cfg = load_config(config, [*overrides, f"mesh.strategy={strategy}", *STRATEGIES[strategy],
                                f"train.batch_size={batch}", "train.grad_accum=1"])
-    mesh = sharding.make_mesh(cfg.mesh)
-    state, step = jax_step(cfg, mesh)
+    state, step, data = jax_step(cfg, common.make_batch(batch, seq, cfg.model.vocab_size), sharding.make_mesh(cfg.mesh))
     box = [state]
-    data = jax.device_put(common.make_batch(batch, seq, cfg.model.vocab_size), sharding.batch_sharding(mesh))
 
     def run():
         box[0], metrics = step(box[0], data)

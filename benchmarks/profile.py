@@ -32,7 +32,9 @@ CATEGORIES = {
     "buffer fills": "broadcasts of a constant: buffers zeroed or filled each step",
     "other": "everything else (custom calls, sorts, scatters, RNG)",
 }
-PHASES = ("forward", "backward", "update")   # backward includes what remat recomputes; update: clipping, optimizer
+# backward includes what remat recomputes; update is everything outside jax.grad's forward and
+# backward: clipping, the optimizer, and the buffers the scan fills before its loop.
+PHASES = ("forward", "backward", "update")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*? ([a-z][a-z0-9-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 _CONTAINERS = {"while", "call", "conditional", "parameter", "get-tuple-element", "tuple", "constant", "bitcast"}
@@ -132,10 +134,7 @@ def profile_worker(cfg, batch: dict, steps: int, warmup: int) -> dict:
 
     import jax
 
-    import sharding
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    state, step = train_step.jax_step(cfg, mesh)
-    data = jax.device_put(batch, sharding.batch_sharding(mesh))
+    state, step, data = train_step.jax_step(cfg, batch)
     step = step.lower(state, data).compile()   # the program the trace's names come from
     hlo, memory = step.as_text(), step.memory_analysis()
     for _ in range(warmup + 1):

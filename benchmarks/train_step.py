@@ -42,29 +42,30 @@ def framework(mode: str) -> str:
 # --- The two steps, each in its own worker -------------------------------------------------------
 
 
-def jax_step(cfg: Config, mesh):
-    """train.py's initial state and jitted step on `mesh`, built as train.Trainer builds them."""
+def jax_step(cfg: Config, batch: dict, mesh=None):
+    """train.py's initial state and jitted step on `mesh` (default: one device), built as
+    train.Trainer builds them, and `batch` placed as the step takes it: (state, step, batch)."""
     import jax
 
     import optimizer
+    import sharding
     import train
+    mesh = mesh or sharding.make_mesh(cfg.mesh, jax.devices()[:1])
     tx, schedule = optimizer.make_optimizer(cfg)
     _, shardings = train.state_layout(cfg, tx, mesh)
     state = jax.jit(train.init_state, static_argnums=(0, 1), out_shardings=shardings)(cfg, tx)
-    return state, train.compile_step(cfg, tx, schedule, mesh, shardings)
+    step = train.compile_step(cfg, tx, schedule, mesh, shardings)
+    return state, step, jax.device_put(batch, sharding.batch_sharding(mesh))
 
 
 def measure_jax(cfg: Config, batch: dict, steps: int, warmup: int) -> dict:
     import jax
 
-    import sharding
     import train  # noqa: F401  (imported before the baseline: only the model's memory counts)
     gpu = jax.default_backend() == "gpu"   # starts the backend: framework memory, as `import torch`
     base = common.rss_bytes()
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    state, step = jax_step(cfg, mesh)
+    state, step, data = jax_step(cfg, batch)
     box = [state]
-    data = jax.device_put(batch, sharding.batch_sharding(mesh))
 
     def run():
         box[0], metrics = step(box[0], data)
@@ -138,8 +139,8 @@ def cases(args, gpu: bool) -> list[tuple[Config, int]]:
 
 
 def measure(cfg: Config, data: dict, args, mode: str, gpu: bool) -> dict:
-    """One mode's step, measured --repeats times, each in its own worker, the modes interleaved by
-    the caller so that a shared machine's drift falls on every mode alike: the medians."""
+    """One mode's step measured in a fresh worker (run_case calls it --repeats times per mode,
+    the modes interleaved, so that a shared machine's drift falls on every mode alike)."""
     if mode == "jit":
         return common.in_worker(measure_jax, cfg, data, args.steps, args.warmup)
     return common.in_worker(measure_torch, cfg, data, args.steps, args.warmup, mode, gpu)
