@@ -83,6 +83,7 @@ def test_a_run_saved_when_remat_was_a_boolean_keeps_its_meaning(saved, remat):
     (["model.n_experts=4", "model.capacity_factor=0"], "model.capacity_factor=0.0 must be positive"),
     (["model.n_experts=4", "model.moe_every=3"], "model.n_layers=4 is not a multiple of model.moe_every=3"),
     (["model.router=hash"], "model.router='hash' is not valid; choose one of 'topk_softmax', 'soft'"),
+    (["model.remat=true"], "model.remat='true' is not valid; choose one of 'none', 'dots', 'full'"),
     (["eval.tasks=hellaswag"], "eval.tasks entry 'hellaswag' is not of the form NAME=PATH"),
     (["train.steps"], "override 'train.steps' is not of the form section.field=value"),
 ])
