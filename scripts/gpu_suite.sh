@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU rows of notes/benchmarks.md, on one GPU: JAX's training step against the PyTorch twin
+# (eager and torch.compile) on gpt2_124m, eager on modern_160m, in bf16 with cuDNN attention where its
+# shape rules allow, then sample.py's decode speed. Each table goes to OUT_DIR/NAME.txt and its rows
+# to OUT_DIR/NAME.json. Extra arguments go to both `bench.py train` runs (after the suite's own, so
+# they win): e.g. `--steps 1 --warmup 0 --batch 1 --seq 64` for a quick look on a CPU.
+# Usage: scripts/gpu_suite.sh OUT_DIR [bench.py train arguments...]
+set -uo pipefail
+out=${1:?usage: $0 OUT_DIR [bench.py train arguments...]}
+shift
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$out/gpu.txt"
+status=0
+bench() {  # NAME SECONDS bench.py-arguments...: one benchmark, stopped after SECONDS
+  local name=$1 seconds=$2
+  shift 2
+  timeout "$seconds" "$python" bench.py "$@" --json "$out/$name.json" 2>&1 | tee "$out/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { echo "bench.py $1 ($name) exited $rc"; status=$rc; }
+}
+bench train_gpt2_124m 240 train --config configs/gpt2_124m.py --batch 16 --seq 1024 --steps 10 "$@"
+# GPU memory is plentiful: JAX alone without rematerialization (model.remat's default, dots,
+# recomputes attention in the backward pass), and at four times the batch.
+bench train_gpt2_124m_remat_none 120 train --config configs/gpt2_124m.py model.remat=none --batch 16 --seq 1024 \
+  --steps 10 --modes jit "$@"
+bench train_gpt2_124m_b64 120 train --config configs/gpt2_124m.py model.remat=none --batch 64 --seq 1024 \
+  --steps 10 --modes jit "$@"
+bench decode_gpt2_124m 90 decode --config configs/gpt2_124m.py model.param_dtype=bfloat16 \
+  model.compute_dtype=bfloat16 --batches 1,16,64 --repeats 3
+bench train_modern_160m 240 train --config configs/modern_160m.py --batch 8 --seq 2048 --steps 10 \
+  --modes jit,eager "$@"
+exit "$status"
