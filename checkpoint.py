@@ -1,7 +1,7 @@
 """Checkpoints, with Orbax: the manager train.py saves through, a finiteness check before every
 save, shape checks before anything is restored, integrity checks with a fallback to the newest
-intact step, full-state restores for resuming, and the parameters alone for sampling, evaluation
-and --init-from (no optimizer built). notes/training.md explains the choices.
+intact step, and full-state restores for resuming; runs.py restores a run's parameters alone.
+notes/training.md explains the choices.
 
 A checkpoint step holds the items params, opt_state and meta ({"step"}), each a StandardSave, and
 the run's config as JSON beside them; separate items let the parameters be restored alone,
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import sys
 import tempfile
@@ -25,9 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import cli
-import model
 from configs.base import Config, ConfigError
-from configs.load import config_from_dict, config_to_dict
+from configs.load import config_to_dict
 
 ITEMS = ("params", "opt_state", "meta")
 # Where a damaged step is moved. Orbax takes a directory for a step only if its name is digits or
@@ -314,77 +312,6 @@ def resume(manager: ocp.CheckpointManager, abstract_state: dict, say=warn) -> tu
         raise CheckpointError(f"no intact checkpoint in {manager.directory} ({listed}); nothing was moved or "
                               f"deleted: move the damaged steps elsewhere to start afresh")
     return None
-
-
-def abstract_params(cfg: Config, shardings=None) -> dict:
-    """The parameters' shapes and dtypes, computed without allocating them; with `shardings` (a
-    tree like the parameters', e.g. sharding.param_shardings), each leaf carries its sharding."""
-    abstract = jax.eval_shape(lambda: model.init_params(cfg.model, jax.random.key(0)))
-    if shardings is None:
-        return abstract
-    return jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-                        abstract, shardings)
-
-
-def restore_params(cfg: Config, directory: Path, step: int, shardings=None) -> dict:
-    """The parameters alone of checkpoint `step` in `directory`, checked against cfg.model's shapes
-    and placed by `shardings` if given (else as Orbax lays them out on this process's devices).
-    No optimizer is built, so any optimizer may have written them."""
-    with checkpoint_manager(directory, None, read_only=True) as manager:
-        abstract = {"params": abstract_params(cfg, shardings)}
-        return restore(manager, step, abstract, names=("params",))["params"]
-
-
-def load_params(cfg: Config, directory: Path, step: int | None = None, shardings=None,
-                say=warn) -> tuple[int, dict]:
-    """(step, parameters) of checkpoint `step`, or by default of the newest step whose parameters
-    read back whole, for sampling and evaluation: newer damaged steps are reported through `say`,
-    one line each, and left where they are (the run may still be training)."""
-    if step is not None:
-        return step, restore_params(cfg, directory, step, shardings)
-    with checkpoint_manager(directory, None, read_only=True) as manager:
-        steps = sorted(manager.all_steps(), reverse=True)
-    damaged = []
-    for candidate in steps:
-        try:
-            params = restore_params(cfg, directory, candidate, shardings)
-        except Damaged as err:
-            damaged.append(err)
-            continue
-        for err in damaged:
-            say(f"warning: {err}; using step {candidate}")
-        return candidate, params
-    raise CheckpointError(f"no checkpoint in {directory} has readable parameters"
-                          + "".join(f"; step {err.step}: {err.why}" for err in damaged))
-
-
-def run_config(run: str) -> Config:
-    """The config a train.py run directory was written with; errors name --run."""
-    path = Path(run) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"--run {run}: no train.py run there ({path} is missing)")
-    try:
-        return config_from_dict(json.loads(path.read_text()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"--run {run}: {path} is not readable JSON ({err})") from None
-    except (ConfigError, TypeError, AttributeError) as err:    # valid JSON, but not a config's sections
-        raise ConfigError(f"--run {run}: {path} is not a config this code can read ({err})") from None
-
-
-def find_checkpoint(run: str, step: int | None) -> tuple[Config, Path, int]:
-    """A train.py run directory's config, its checkpoint directory and the step to load (`step`,
-    else the latest); errors name the --run or --step flag at fault."""
-    cfg = run_config(run)
-    directory = Path(run) / "checkpoints"
-    if not directory.is_dir():
-        raise ConfigError(f"--run {run}: no checkpoints yet ({directory} is missing)")
-    with checkpoint_manager(directory, None, read_only=True) as manager:
-        steps = sorted(manager.all_steps())
-    if not steps:
-        raise ConfigError(f"--run {run}: no checkpoints yet in {directory}")
-    if step is not None and step not in steps:
-        raise ConfigError(f"--step {step}: {run} has checkpoints at steps {', '.join(map(str, steps))}")
-    return cfg, directory, steps[-1] if step is None else step
 
 
 # --- The command line ------------------------------------------------------------------------------

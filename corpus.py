@@ -31,6 +31,7 @@ import tiktoken
 
 import cli
 import data
+from tokenizer import get_tokenizer, load_tokenizer, read_meta, write_meta, META_FILE, TokenizerUnavailable
 from configs.base import ConfigError
 
 FINEWEB_URL = "https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main/"
@@ -100,7 +101,7 @@ def make_out_dir(out) -> Path:
 def _encode_file(task: tuple[str, str]) -> tuple[np.ndarray, int]:
     """Worker: one file is one document, prefixed by end-of-text. Returns (tokens, bytes read)."""
     path, tokenizer = task
-    enc = data.get_tokenizer(tokenizer)
+    enc = get_tokenizer(tokenizer)
     raw = Path(path).read_bytes()
     # Undecodable bytes (a few stdlib files are Latin-1) become U+FFFD rather than failing the run.
     # disallowed_special=() encodes a literal "<|endoftext|>" in the text as ordinary text.
@@ -171,7 +172,7 @@ def _stage_tokenizer(staging: Path, tokenizer: str, enc: tiktoken.Encoding) -> s
     stored = tokenizer if tokenizer in ("gpt2", "bytes") else Path(tokenizer).name
     if stored != tokenizer:
         shutil.copyfile(tokenizer, staging / stored)
-    data.write_meta(staging, stored, enc.eot_token, enc.n_vocab)
+    write_meta(staging, stored, enc.eot_token, enc.n_vocab)
     return stored
 
 
@@ -190,7 +191,7 @@ def prepare(input_spec: str, tokenizer: str, out, val_fraction: float = 0.05,
     """Tokenize text files into train/val shards in `out`. Shards are staged in a hidden directory
     inside `out` and moved in only once all are written, so a failed run leaves no partial shard
     or partial dataset."""
-    enc = data.get_tokenizer(tokenizer)
+    enc = get_tokenizer(tokenizer)
     if not 0 < shard_tokens <= data.MAX_SHARD_TOKENS:
         raise data.DataError(f"--shard-tokens {shard_tokens} must be in [1, {data.MAX_SHARD_TOKENS:,}]")
     if workers is not None and workers < 1:
@@ -281,7 +282,7 @@ def fineweb(train_shards: int, out, base_url: str = FINEWEB_URL, **download_opti
     if not 1 <= train_shards <= FINEWEB_TRAIN_SHARDS:
         raise data.DataError(f"--train-shards {train_shards} must be in [1, {FINEWEB_TRAIN_SHARDS}]")
     out = make_out_dir(out)
-    data.write_meta(out, **FINEWEB_META)
+    write_meta(out, **FINEWEB_META)
     names = ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, train_shards + 1)]
     for i, name in enumerate(names):
         print(f"[{i + 1}/{len(names)}] {name}", file=sys.stderr)
@@ -304,7 +305,7 @@ def _token_counts(shards: list[np.ndarray], n_vocab: int, full: bool) -> tuple[n
 def inspect_shards(data_dir, full: bool = False) -> None:
     """Print per-shard token counts, a token histogram summary and a decoded sample."""
     data_dir = Path(data_dir)
-    meta = data.read_meta(data_dir)
+    meta = read_meta(data_dir)
     paths = data.find_shards(data_dir, "train") + data.find_shards(data_dir, "val")
     if not paths:
         raise data.DataError(f"{data_dir} has no shards (*train_*.bin, *val_*.bin)")
@@ -317,13 +318,13 @@ def inspect_shards(data_dir, full: bool = False) -> None:
     for path, tokens in zip(paths, shards) if full else ():
         if (top := int(tokens.max())) >= meta["n_vocab"]:
             raise data.DataError(f"{path}: token id {top} >= n_vocab={meta['n_vocab']} of its "
-                                 f"tokenizer ({data.META_FILE})")
+                                 f"tokenizer ({META_FILE})")
     counts, total = _token_counts(shards, meta["n_vocab"], full)
     print(f"histogram over {'all' if full else 'a sample of'} {total:,} tokens: {np.count_nonzero(counts):,} "
           f"distinct ids, end-of-text {counts[meta['eot']] / total:.3%}")
     try:
-        enc = data.load_tokenizer(data_dir)
-    except data.TokenizerUnavailable as e:
+        enc = load_tokenizer(data_dir)
+    except TokenizerUnavailable as e:
         print(f"decoded sample unavailable: {e}")
         return
     common = np.argsort(counts)[::-1][:10]

@@ -1,4 +1,4 @@
-"""Token shards, tokenizers and the training input pipeline (see notes/data.md).
+"""Token shards and the training input pipeline (see notes/data.md).
 
 Shards are FineWeb10B-format .bin files (a 256 x int32 header, then the tokens), memmapped and
 never loaded whole. `train_batches` is a grain pipeline whose order is a pure function of
@@ -6,19 +6,17 @@ never loaded whole. `train_batches` is a grain pipeline whose order is a pure fu
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
 import grain
 import numpy as np
 import tiktoken
-import tiktoken.load
 
+import tokenizer
 from configs.base import Config, ConfigError
 
 HEADER_INTS = 256
@@ -26,9 +24,6 @@ HEADER_BYTES = HEADER_INTS * 4
 # magic -> (version, token dtype). The uint32 pair is llm.c's, for vocabularies over 65,535.
 FORMATS = {20240520: (1, np.dtype(np.uint16)), 20240801: (7, np.dtype(np.uint32))}
 MAX_SHARD_TOKENS = 2**31 - 1     # the header stores the count as int32
-META_FILE = "tokenizer.json"
-EOT_TEXT = "<|endoftext|>"
-GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 class DataError(ConfigError):
@@ -38,10 +33,6 @@ class DataError(ConfigError):
 
 class TruncatedShard(DataError):
     """A shard shorter than its header says: a partial download or an interrupted copy."""
-
-
-class TokenizerUnavailable(DataError):
-    """The tokenizer exists but cannot be loaded here (gpt2 with no network and no tiktoken cache)."""
 
 
 # --- Shards ---------------------------------------------------------------------------------------
@@ -107,65 +98,6 @@ def read_shard(path) -> np.memmap:
 def find_shards(data_dir, split: str) -> list[Path]:
     """The `split` ("train" or "val") shards of a directory, sorted by name."""
     return sorted(Path(data_dir).glob(f"*{split}_*.bin"))
-
-
-# --- Tokenizers -----------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=None)
-def get_tokenizer(name: str) -> tiktoken.Encoding:
-    """A tiktoken.Encoding for "gpt2", "bytes" or the path of a .tiktoken ranks file."""
-    if name == "bytes":
-        # No merges, so any split of the text encodes to its UTF-8 bytes; long pieces are faster.
-        return tiktoken.Encoding(name="bytes", pat_str=r"[\s\S]{1,256}",
-                                 mergeable_ranks={bytes([b]): b for b in range(256)},
-                                 special_tokens={EOT_TEXT: 256})
-    if name == "gpt2":
-        try:
-            return tiktoken.get_encoding("gpt2")
-        except OSError as e:
-            raise TokenizerUnavailable(f"tokenizer 'gpt2' needs network access once (or a filled "
-                                       f"TIKTOKEN_CACHE_DIR): {str(e).splitlines()[0][:160]}") from None
-    if name.endswith(".tiktoken") and Path(name).is_file():
-        return _ranks_file_encoding(name)
-    raise DataError(f"unknown tokenizer {name!r}; expected 'gpt2', 'bytes' or the path of an existing "
-                    f".tiktoken ranks file")
-
-
-def _ranks_file_encoding(path: str) -> tiktoken.Encoding:
-    """A ranks file carries no split pattern or special tokens: use GPT-2's split, and put
-    end-of-text after the last rank."""
-    try:
-        ranks = tiktoken.load.load_tiktoken_bpe(path)
-    except (ValueError, IndexError) as e:
-        raise DataError(f"{path} is not a .tiktoken ranks file (lines of '<base64 token> <rank>'): "
-                        f"{e}") from None
-    if not ranks:
-        raise DataError(f"{path} is an empty .tiktoken ranks file")
-    return tiktoken.Encoding(name=Path(path).stem, pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
-                             special_tokens={EOT_TEXT: max(ranks.values()) + 1})
-
-
-def read_meta(data_dir) -> dict:
-    """The tokenizer record written beside the shards: {"tokenizer", "eot", "n_vocab"}."""
-    path = Path(data_dir) / META_FILE
-    if not path.is_file():
-        raise DataError(f"{path} is missing; shards made by `python corpus.py prepare` or `fineweb` "
-                        f"carry it")
-    return json.loads(path.read_text())
-
-
-def load_tokenizer(data_dir) -> tiktoken.Encoding:
-    """The encoding that wrote the shards in `data_dir`; a ranks file is stored beside them."""
-    name = read_meta(data_dir)["tokenizer"]
-    return get_tokenizer(name if name in ("gpt2", "bytes") else str(Path(data_dir) / name))
-
-
-def write_meta(data_dir, tokenizer: str, eot: int, n_vocab: int) -> None:
-    """The tokenizer record `read_meta` reads; `tokenizer` is "gpt2", "bytes" or a ranks file's
-    name inside `data_dir`."""
-    meta = {"tokenizer": tokenizer, "eot": eot, "n_vocab": n_vocab}
-    (Path(data_dir) / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 # --- The loader -----------------------------------------------------------------------------------
@@ -325,7 +257,7 @@ def check_dataset(cfg: Config) -> None:
     """Train and val shards with valid headers and their tokenizer record: checked in moments."""
     for path in split_shards(cfg, "train") + split_shards(cfg, "val"):
         shard_header(path)
-    read_meta(cfg.data.path)
+    tokenizer.read_meta(cfg.data.path)
 
 
 def window_source(cfg: Config, split: str) -> WindowSource:
@@ -336,7 +268,7 @@ def window_source(cfg: Config, split: str) -> WindowSource:
     for path, tokens in zip(paths, shards):
         _check_vocab(path, tokens, cfg.model.vocab_size)
     window = cfg.model.seq_len + 1
-    eot = read_meta(data_dir)["eot"] if cfg.data.doc_aligned else None
+    eot = tokenizer.read_meta(data_dir)["eot"] if cfg.data.doc_aligned else None
     source = WindowSource(shards, window, eot, cfg.model.vocab_size, paths)
     if not len(source):
         longest = max(len(shard) for shard in shards)
@@ -395,11 +327,11 @@ def val_bytes(cfg: Config) -> int | None:
     """Text bytes behind the global validation targets (for bits per byte); None when the
     tokenizer cannot be loaded here."""
     try:
-        lengths = _token_byte_lengths(load_tokenizer(cfg.data.path))
-    except TokenizerUnavailable:
+        lengths = _token_byte_lengths(tokenizer.load_tokenizer(cfg.data.path))
+    except tokenizer.TokenizerUnavailable:
         return None
     targets = np.concatenate([batch["targets"][batch["mask"] > 0] for batch in val_batches(cfg)])
     if targets.max() >= len(lengths):
         raise DataError(f"{cfg.data.path}: val token id {targets.max()} is outside its tokenizer "
-                        f"({META_FILE}: n_vocab={len(lengths)})")
+                        f"({tokenizer.META_FILE}: n_vocab={len(lengths)})")
     return int(lengths[targets].sum())

@@ -21,13 +21,15 @@ from typing import Callable
 
 import jax
 
-import checkpoint
 import cli
 import data
 import model
 import quantize
+import runs
 import sharding
 import tasks
+import tokenizer
+import xla_flags
 from configs.base import Config, ConfigError
 from configs.load import apply_overrides
 
@@ -63,14 +65,14 @@ def check_args(args) -> None:
 def load(args) -> tuple[Config, object, Callable[[], dict]]:
     """The run's config (with overrides), its mesh, and a loader of its sharded parameters (called
     once every input has been checked; without --step, the newest step that reads back whole)."""
-    cfg, directory, step = checkpoint.find_checkpoint(args.run, args.step)
+    cfg, directory, step = runs.find_checkpoint(args.run, args.step)
     cfg = apply_overrides(cfg, args.overrides)
     mesh = sharding.make_mesh(cfg.mesh)
     shardings = sharding.param_shardings(cfg.model, cfg.mesh.strategy, mesh)
     print(f"{args.run} step {step}: {model.count_params(cfg.model):,} parameters, {jax.device_count()} device(s)")
 
     def load_params():
-        params = checkpoint.load_params(cfg, directory, args.step, shardings)[1]
+        params = runs.load_params(cfg, directory, args.step, shardings)[1]
         return quantize.quantize_params(params, cfg.model, args.quantize) if args.quantize else params
     return cfg, mesh, load_params
 
@@ -105,7 +107,7 @@ def evaluate_val(cfg: Config, mesh, load_params, path: str) -> dict[str, float]:
 
 def evaluate_task(cfg: Config, mesh, load_params, args) -> dict[str, float]:
     """acc_norm and acc of a multiple-choice file, with its throughput."""
-    enc, why = tasks.run_tokenizer(cfg, args.tokenizer)
+    enc, why = tokenizer.for_model_or_reason(cfg, args.tokenizer)
     items = tasks.read_items(args.data, args.task, enc, why, cfg.model, args.max_items)
     params = load_params()
     scorer = tasks.Scorer(cfg.model, mesh)
@@ -135,6 +137,7 @@ def evaluate_main(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    xla_flags.apply()
     try:
         evaluate_main(args)
     except ConfigError as err:

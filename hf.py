@@ -25,7 +25,8 @@ import numpy as np
 import checkpoint
 import cli
 import model
-import tasks
+import runs
+import tokenizer
 from configs.base import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 from configs.load import config_to_dict
 from hf_files import HFError, read_checkpoint, read_tokenizer, store_tokenizer, write_hf_tokenizer, write_safetensors
@@ -310,7 +311,7 @@ def _import_tokenizer(source: Path, out: Path, cfg: ModelConfig) -> str:
         return f"tokenizer: {enc.n_vocab} ids as tiktoken ranks in {directory}"
     except HFError as e:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / tasks.NO_TOKENIZER_NOTE).write_text(f"hf.py import: {e}\n")
+        (directory / tokenizer.NO_TOKENIZER_NOTE).write_text(f"hf.py import: {e}\n")
         return f"no tokenizer: {e}; sample.py needs --tokenizer, evaluate.py token ids"
 
 
@@ -347,7 +348,7 @@ def import_run(source: Path, out: Path, vocab_multiple: int = 1) -> Config:
 
 def write_hf_dir(params, cfg: Config, out: Path) -> None:
     """config.json, model.safetensors and, for a GPT-2-shaped tokenizer, vocab.json + merges.txt."""
-    enc, reason = tasks.run_tokenizer(cfg)
+    enc, reason = tokenizer.for_model_or_reason(cfg)
     hf = hf_config(cfg.model, enc.eot_token if enc else None)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / "model.safetensors", tensors_from_params(params, cfg.model))
@@ -364,9 +365,9 @@ def write_hf_dir(params, cfg: Config, out: Path) -> None:
 
 def export_run(run: str, step: int | None, out: Path) -> None:
     """A run's checkpoint (`step`, else the newest that reads back whole) as a transformers directory."""
-    cfg, directory, _ = checkpoint.find_checkpoint(run, step)
+    cfg, directory, _ = runs.find_checkpoint(run, step)
     hf_config(cfg.model, None)      # a config with no counterpart fails before anything is read
-    step, params = checkpoint.load_params(cfg, directory, step)
+    step, params = runs.load_params(cfg, directory, step)
     print(f"exporting {run} step {step}:")
     write_hf_dir(params, cfg, out)
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import tiktoken
 
-import data
+import tokenizer
 from configs.base import ConfigError
 
 # Buffers some checkpoints carry that are not parameters (GPT-2's causal masks, cached RoPE tables).
@@ -175,7 +175,7 @@ def _tokenizer_json_split(spec: dict, where: str) -> str:
     if any(step.get("type") == "ByteLevel" and step.get("add_prefix_space") for step in steps):
         raise HFError(f"{where}: pre_tokenizer ByteLevel add_prefix_space=true is not supported")
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return data.GPT2_SPLIT
+        return tokenizer.GPT2_SPLIT
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and "Regex" in steps[0].get(
             "pattern", {}) and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
         return steps[0]["pattern"]["Regex"]
@@ -207,7 +207,7 @@ def vocab_merges_encoding(directory: Path) -> tiktoken.Encoding:
     if settings.get("add_prefix_space"):
         raise HFError(f"{config}: add_prefix_space=true is not supported")
     added = {token["content"]: int(token_id) for token_id, token in settings.get("added_tokens_decoder", {}).items()}
-    return bpe_encoding(directory.name, vocab, merges, added, data.GPT2_SPLIT, str(directory / "vocab.json"))
+    return bpe_encoding(directory.name, vocab, merges, added, tokenizer.GPT2_SPLIT, str(directory / "vocab.json"))
 
 
 def read_tokenizer(directory: Path) -> tiktoken.Encoding:
@@ -227,20 +227,20 @@ def read_tokenizer(directory: Path) -> tiktoken.Encoding:
 
 
 def store_tokenizer(enc: tiktoken.Encoding, directory: Path) -> None:
-    """Write `enc` where data.load_tokenizer reads it (a ranks file and the tokenizer record).
+    """Write `enc` where tokenizer.load_tokenizer reads it (a ranks file and the tokenizer record).
     That record holds GPT-2's split and one end-of-text token after the last rank, so only such
     tokenizers are stored; any other raises HFError saying why."""
     top = max(enc._mergeable_ranks.values())
-    if enc._pat_str != data.GPT2_SPLIT:
+    if enc._pat_str != tokenizer.GPT2_SPLIT:
         raise HFError(f"tokenizer {enc.name!r} splits text by another regex than GPT-2's, the only one "
-                      f"a run's tokenizer record (data.py) holds")
-    if enc._special_tokens != {data.EOT_TEXT: top + 1}:
+                      f"a run's tokenizer record (tokenizer.py) holds")
+    if enc._special_tokens != {tokenizer.EOT_TEXT: top + 1}:
         raise HFError(f"tokenizer {enc.name!r} has special tokens {sorted(enc._special_tokens)[:3]}, not the "
-                      f"one {data.EOT_TEXT} at id {top + 1} that a run's tokenizer record (data.py) holds")
+                      f"one {tokenizer.EOT_TEXT} at id {top + 1} that a run's tokenizer record (tokenizer.py) holds")
     directory.mkdir(parents=True, exist_ok=True)
     lines = (f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]))
     (directory / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
-    data.write_meta(directory, "tokenizer.tiktoken", top + 1, enc.n_vocab)
+    tokenizer.write_meta(directory, "tokenizer.tiktoken", top + 1, enc.n_vocab)
 
 
 def _last_merge(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
@@ -263,8 +263,8 @@ def write_hf_tokenizer(enc: tiktoken.Encoding, directory: Path) -> None:
     GPT-2's split, or with no merges (the byte tokenizer), and one end-of-text token."""
     ranks = enc._mergeable_ranks
     merged = sorted((token for token in ranks if len(token) > 1), key=ranks.get)
-    if set(enc._special_tokens) != {data.EOT_TEXT} or (merged and enc._pat_str != data.GPT2_SPLIT):
-        raise HFError(f"tokenizer {enc.name!r} is not GPT-2-shaped (GPT-2's split, one {data.EOT_TEXT})")
+    if set(enc._special_tokens) != {tokenizer.EOT_TEXT} or (merged and enc._pat_str != tokenizer.GPT2_SPLIT):
+        raise HFError(f"tokenizer {enc.name!r} is not GPT-2-shaped (GPT-2's split, one {tokenizer.EOT_TEXT})")
     chars = byte_chars()
     text = lambda token: "".join(chars[b] for b in token)
     vocab = {text(token): rank for token, rank in ranks.items()} | dict(enc._special_tokens)
@@ -272,5 +272,5 @@ def write_hf_tokenizer(enc: tiktoken.Encoding, directory: Path) -> None:
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (directory / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
     settings = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False,
-                **{f"{kind}_token": data.EOT_TEXT for kind in ("bos", "eos", "unk")}}
+                **{f"{kind}_token": tokenizer.EOT_TEXT for kind in ("bos", "eos", "unk")}}
     (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=1) + "\n")

@@ -27,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-import checkpoint
 import cli
-import data
 import model
 import quantize
+import runs
 import speculative
+import tokenizer
+import xla_flags
 from configs.base import Config, ConfigError, ModelConfig
 from configs.load import load_config
 from sampling import SampleError, Sampling, left_pad, sample_next
@@ -121,7 +122,7 @@ def check_lengths(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: in
 
 
 # --- Loading -------------------------------------------------------------------------------------
-# A run's parameters come from checkpoint.find_checkpoint and checkpoint.load_params (the
+# A run's parameters come from runs.find_checkpoint and runs.load_params (the
 # parameters alone, no optimizer built; a damaged newest step falls back to an older one).
 
 
@@ -129,24 +130,6 @@ def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
     """The parameters train.py would start from with train.seed = seed."""
     key = jax.random.fold_in(jax.random.key(seed), 0)
     return jax.jit(model.init_params, static_argnums=0)(cfg, key)
-
-
-def pick_tokenizer(cfg: Config, name: str | None):
-    """--tokenizer if given, else the one that wrote the run's data, else bytes for a 257-token
-    vocabulary. Its ids must fit the model's vocabulary."""
-    if name:
-        enc = data.get_tokenizer(name)
-    elif (Path(cfg.data.path) / data.META_FILE).is_file():
-        enc = data.load_tokenizer(cfg.data.path)
-    elif cfg.model.vocab_size == 257:
-        enc = data.get_tokenizer("bytes")
-    else:
-        raise SampleError(f"no tokenizer: {Path(cfg.data.path) / data.META_FILE} is missing; "
-                          f"pass --tokenizer bytes|gpt2|PATH.tiktoken")
-    if enc.n_vocab > cfg.model.vocab_size:
-        raise SampleError(f"tokenizer {enc.name!r} has {enc.n_vocab} ids but the model's vocabulary is "
-                          f"{cfg.model.vocab_size} (model.vocab_size); pass the --tokenizer it was trained with")
-    return enc
 
 
 # --- Streaming -----------------------------------------------------------------------------------
@@ -239,9 +222,9 @@ def model_source(args) -> tuple[Config, Callable[[], dict]]:
     if args.run:
         if args.overrides or args.random_init:
             raise SampleError("--run takes no overrides or --random-init; those go with --config")
-        cfg, directory, _ = checkpoint.find_checkpoint(args.run, args.step)
+        cfg, directory, _ = runs.find_checkpoint(args.run, args.step)
         # Without --step: the newest step whose parameters read back whole (damaged ones are named).
-        return cfg, lambda: checkpoint.load_params(cfg, directory, args.step)[1]
+        return cfg, lambda: runs.load_params(cfg, directory, args.step)[1]
     if not args.config or not args.random_init:
         raise SampleError("give --run runs/NAME, or --config configs/NAME.py --random-init")
     if args.step is not None:
@@ -261,7 +244,7 @@ def draft_source(args, cfg: Config, enc) -> tuple[Config, Callable[[], dict]] | 
     draft = argparse.Namespace(run=args.draft, config=args.draft_config, random_init=not args.draft,
                                step=None, overrides=[])
     draft_cfg, load = model_source(draft)
-    draft_enc = pick_tokenizer(draft_cfg, args.tokenizer)
+    draft_enc = tokenizer.for_model(draft_cfg, args.tokenizer)
     if (draft_enc.name, draft_enc.n_vocab, draft_enc.eot_token) != (enc.name, enc.n_vocab, enc.eot_token):
         raise SampleError(f"draft tokenizer mismatch: the draft decodes with {draft_enc.name!r} "
                           f"({draft_enc.n_vocab} ids) but the target with {enc.name!r} ({enc.n_vocab} ids); "
@@ -278,7 +261,7 @@ def sample_main(args) -> None:
         raise SampleError(f"--num-samples {args.num_samples} must be >= 1")
     texts = prompt_texts(args)
     cfg, load = model_source(args)
-    enc = pick_tokenizer(cfg, args.tokenizer)
+    enc = tokenizer.for_model(cfg, args.tokenizer)
     draft = draft_source(args, cfg, enc)
     eot = enc.eot_token
     # Every training document follows an end-of-text token, so a prompt starts where documents do.
@@ -325,6 +308,7 @@ def print_samples(enc, rows: list[tuple[str, list[int]]], outs: list[list[int]])
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    xla_flags.apply()
     try:
         sample_main(args)
     except ConfigError as err:

@@ -20,14 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import data
 import model
 import sharding
+import tokenizer
 from configs.base import Config, ConfigError, ModelConfig
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-# Written by `hf.py import` beside a run's (missing) tokenizer record, saying why there is none.
-NO_TOKENIZER_NOTE = "unavailable.txt"
 SCHEMAS = {"hellaswag": "ctx", "mc": "context"}     # schema -> its context field
 MIN_BUCKET = 32
 
@@ -44,29 +42,6 @@ class Item:
 
 
 # --- Reading items -------------------------------------------------------------------------------
-
-
-def run_tokenizer(cfg: Config, name: str | None = None):
-    """(tokenizer, "") as sample.py picks it: `name`, else the record beside the run's data
-    (data.path), else bytes for a 257-token vocabulary; or (None, why there is none or it does
-    not fit the model), so that items of token ids need no tokenizer."""
-    folder = Path(cfg.data.path)
-    try:
-        if name:
-            enc = data.get_tokenizer(name)
-        elif (folder / data.META_FILE).is_file():
-            enc = data.load_tokenizer(folder)
-        elif cfg.model.vocab_size == 257:
-            enc = data.get_tokenizer("bytes")
-        else:
-            note = folder / NO_TOKENIZER_NOTE
-            return None, note.read_text().strip() if note.is_file() else f"{folder / data.META_FILE} is missing"
-    except data.TokenizerUnavailable as e:
-        return None, str(e)
-    if enc.n_vocab > cfg.model.vocab_size:
-        return None, (f"tokenizer {enc.name!r} has {enc.n_vocab} ids but model.vocab_size is "
-                      f"{cfg.model.vocab_size}; pass the one the model was trained with")
-    return enc, ""
 
 
 def _tokens(value, enc, why: str, where: str, vocab_size: int) -> tuple[int, ...]:
@@ -238,7 +213,7 @@ class TaskRunner:
 
     def __init__(self, cfg: Config, mesh):
         self.tasks, self.batch_size = [], cfg.eval.batch_size
-        enc, why = run_tokenizer(cfg) if cfg.eval.tasks else (None, "")
+        enc, why = tokenizer.for_model_or_reason(cfg) if cfg.eval.tasks else (None, "")
         for entry in cfg.eval.tasks:
             name, _, path = entry.partition("=")
             try:

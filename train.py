@@ -34,8 +34,10 @@ import data
 import model
 import optimizer
 import plot
+import runs
 import sharding
 import tasks
+import xla_flags
 from configs.base import Config, ConfigError
 from configs.load import config_to_dict, load_config
 
@@ -168,7 +170,7 @@ def initial_state(cfg: Config, tx, manager, init_from: str | None, shardings: di
             latest = other.latest_step()
         if latest is None:
             raise ConfigError(f"--init-from {init_from}: no checkpoint found in {source}")
-        source_step, params = checkpoint.load_params(cfg, source, shardings=shardings["params"])
+        source_step, params = runs.load_params(cfg, source, shardings=shardings["params"])
         say(f"initialized parameters from {source} step {source_step}")
         opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
         state = {**state, "params": params, "opt_state": opt_state}
@@ -363,7 +365,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.stop_after is not None and args.stop_after < 1:
         raise SystemExit(f"error: --stop-after={args.stop_after} must be a positive number of steps")
+    added = xla_flags.apply()
     init_distributed(args)
+    if added:
+        say(f"XLA_FLAGS += {' '.join(added)} (xla_flags.py: an AMD CPU with AVX-512)")
     try:
         trainer = Trainer(load_config(args.config, args.overrides), args)
     except ConfigError as err:

@@ -1,12 +1,15 @@
 """Smoke tests of bench.py: every subcommand runs end to end on a tiny model or shard and prints
 its table, and --json holds its rows. Speed is never asserted, only the tables' structure."""
 import json
+import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 
 import bench
+import xla_flags
 from benchmarks import common, profile, train_step
 from configs.load import load_config, preset_path
 from conftest import REPO
@@ -24,9 +27,11 @@ def canned_hardware(monkeypatch):
 
 
 def run_bench(args, tmp_path, capsys) -> tuple[str, list[dict]]:
-    """bench.main in this process: (what it printed, the rows it wrote with --json)."""
+    """bench.main in this process: (what it printed, the rows it wrote with --json). The
+    environment it sets for its workers (XLA_FLAGS, GLIBC_TUNABLES) is put back afterwards."""
     rows = tmp_path / "rows.json"
-    bench.main([*args, "--json", str(rows)])
+    with mock.patch.dict(os.environ):
+        bench.main([*args, "--json", str(rows)])
     return capsys.readouterr().out, json.loads(rows.read_text())
 
 
@@ -141,6 +146,19 @@ def test_avx2_cap_reaches_both_frameworks_and_the_header(monkeypatch):
     common.cap_at_avx2()
     assert common.os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_cpu_max_isa=AVX2"
     assert "ATEN_CPU_CAPABILITY=avx2" in common.header("train", CANNED)
+
+
+def test_xla_flags_widen_vectors_where_measured_and_never_over_the_user(monkeypatch):
+    wide = ["--xla_cpu_prefer_vector_width=512"]
+    assert xla_flags.cpu_flags("", wide=True) == wide
+    assert xla_flags.cpu_flags("", wide=False) == []
+    assert xla_flags.cpu_flags("--xla_cpu_max_isa=AVX2", wide=True) == []    # bench.py --avx2
+    assert xla_flags.cpu_flags("--xla_cpu_prefer_vector_width=256", wide=True) == []
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    monkeypatch.setattr(xla_flags, "wide_vectors_measured", lambda: True)
+    assert xla_flags.apply() == wide
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false " + wide[0]
+    assert xla_flags.apply() == []     # once is enough: the flag is now the user's
 
 
 @pytest.mark.parametrize("args,message", [

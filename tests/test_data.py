@@ -12,6 +12,7 @@ import pytest
 
 import corpus as corpus_tool    # conftest's session fixture is named `corpus`
 import data
+import tokenizer
 from configs.base import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 from configs.load import apply_overrides
 
@@ -34,7 +35,7 @@ def dataset(tmp_path):
     for i, n in enumerate([1000, 1700, 600]):
         data.write_shard(tmp_path / f"train_{i:06d}.bin", random_tokens(i, n))
     data.write_shard(tmp_path / "val_000000.bin", random_tokens(9, 3000))
-    data.write_meta(tmp_path, "bytes", EOT, 257)
+    tokenizer.write_meta(tmp_path, "bytes", EOT, 257)
     return tmp_path
 
 
@@ -128,7 +129,7 @@ def write_ranks(path, extra=(b"th", b"he", b"the")):
 
 
 def test_bytes_tokenizer_round_trip():
-    enc = data.get_tokenizer("bytes")
+    enc = tokenizer.get_tokenizer("bytes")
     text = "héllo\n\twörld ✓ <|endoftext|>"
     ids = enc.encode_ordinary(text)
     assert ids == list(text.encode()) and enc.decode(ids) == text
@@ -136,25 +137,43 @@ def test_bytes_tokenizer_round_trip():
 
 
 def test_ranks_file_tokenizer(tmp_path):
-    enc = data.get_tokenizer(str(write_ranks(tmp_path / "tiny.tiktoken")))
+    enc = tokenizer.get_tokenizer(str(write_ranks(tmp_path / "tiny.tiktoken")))
     assert enc.encode_ordinary("the") == [258]
     assert enc.decode(enc.encode_ordinary("the other")) == "the other"
     assert enc.eot_token == 259
 
 
 def test_bad_tokenizers(tmp_path, monkeypatch):
-    with pytest.raises(data.DataError, match="unknown tokenizer 'gpt3'; expected 'gpt2', 'bytes'"):
-        data.get_tokenizer("gpt3")
+    with pytest.raises(tokenizer.TokenizerError, match="unknown tokenizer 'gpt3'; expected 'gpt2', 'bytes'"):
+        tokenizer.get_tokenizer("gpt3")
     (tmp_path / "bad.tiktoken").write_text("not base64 at all\n")
-    with pytest.raises(data.DataError, match="bad.tiktoken is not a .tiktoken ranks file"):
-        data.get_tokenizer(str(tmp_path / "bad.tiktoken"))
+    with pytest.raises(tokenizer.TokenizerError, match="bad.tiktoken is not a .tiktoken ranks file"):
+        tokenizer.get_tokenizer(str(tmp_path / "bad.tiktoken"))
 
     def offline(name):
         raise OSError("Failed to resolve 'openaipublic.blob.core.windows.net'")
-    monkeypatch.setattr(data.tiktoken, "get_encoding", offline)
-    with pytest.raises(data.TokenizerUnavailable, match="tokenizer 'gpt2' needs network access once"):
-        data.get_tokenizer("gpt2")
+    monkeypatch.setattr(tokenizer.tiktoken, "get_encoding", offline)
+    with pytest.raises(tokenizer.TokenizerUnavailable, match="tokenizer 'gpt2' needs network access once"):
+        tokenizer.get_tokenizer("gpt2")
 
+
+
+def test_the_tokenizer_a_model_decodes_with(tmp_path):
+    """tokenizer.for_model: the name given, else the data folder's record, else bytes for a
+    257-token vocabulary; a tokenizer wider than the model, or none at all, is refused saying why."""
+    def cfg(vocab):
+        return Config(model=ModelConfig(vocab_size=vocab, n_layers=1, d_model=32, n_heads=2, seq_len=16),
+                      data=DataConfig(path=str(tmp_path)))
+    assert tokenizer.for_model(cfg(257)).name == "bytes"
+    with pytest.raises(tokenizer.NoTokenizer, match=r"tokenizer.json is missing; pass --tokenizer bytes\|gpt2"):
+        tokenizer.for_model(cfg(300))
+    assert tokenizer.for_model_or_reason(cfg(300))[0] is None
+    with pytest.raises(tokenizer.NoTokenizer, match="'bytes' has 257 ids but model.vocab_size is 100"):
+        tokenizer.for_model(cfg(100), "bytes")
+    with pytest.raises(tokenizer.TokenizerError, match="unknown tokenizer 'gpt3'"):
+        tokenizer.for_model_or_reason(cfg(300), "gpt3")   # a name that is no tokenizer is not "none fits"
+    tokenizer.write_meta(tmp_path, "bytes", 256, 257)
+    assert tokenizer.for_model(cfg(300)).eot_token == 256
 
 # --- The loader -----------------------------------------------------------------------------------
 
@@ -258,8 +277,8 @@ def test_val_budget_is_the_same_for_any_batch_size(dataset):
 def test_val_bytes_none_without_tokenizer(dataset, monkeypatch):
     def offline(name):
         raise OSError("no network")
-    monkeypatch.setattr(data.tiktoken, "get_encoding", offline)
-    data.write_meta(dataset, **corpus_tool.FINEWEB_META)
+    monkeypatch.setattr(tokenizer.tiktoken, "get_encoding", offline)
+    tokenizer.write_meta(dataset, **corpus_tool.FINEWEB_META)
     assert data.val_bytes(make_cfg(dataset)) is None
 
 
@@ -312,9 +331,9 @@ def texts(tmp_path):
 
 
 def decoded_docs(out, split):
-    enc = data.load_tokenizer(out)
+    enc = tokenizer.load_tokenizer(out)
     tokens = np.concatenate([data.read_shard(p) for p in data.find_shards(out, split)])
-    return enc.decode(tokens.tolist()).split(data.EOT_TEXT)[1:]
+    return enc.decode(tokens.tolist()).split(tokenizer.EOT_TEXT)[1:]
 
 
 def test_prepare_then_inspect(texts, tmp_path, capsys):
@@ -347,7 +366,7 @@ def test_prepare_with_ranks_file_and_rerun(texts, tmp_path):
     many = len(data.find_shards(out, "train"))
     corpus_tool.prepare(str(folder / "*.txt"), str(ranks), out, 0.2, 10_000, workers=1)
     assert many > 1 and [p.name for p in data.find_shards(out, "train")] == ["train_000000.bin"]
-    assert data.read_meta(out)["tokenizer"] == "tiny.tiktoken" and (out / "tiny.tiktoken").is_file()
+    assert tokenizer.read_meta(out)["tokenizer"] == "tiny.tiktoken" and (out / "tiny.tiktoken").is_file()
     assert sorted(decoded_docs(out, "train") + decoded_docs(out, "val")) == sorted(contents.values())
 
 
@@ -376,7 +395,7 @@ def test_bad_prepare_inputs(texts, tmp_path):
              ({"shard_tokens": 0}, "--shard-tokens 0 must be in")]
     for change, message in cases:
         args = {"input_spec": str(folder / "*.txt"), "tokenizer": "bytes", "out": tmp_path / "out", **change}
-        with pytest.raises(data.DataError, match=message):
+        with pytest.raises(ConfigError, match=message):   # DataError, or TokenizerError for the name
             corpus_tool.prepare(**args)
     assert not (tmp_path / "out").exists()
 
@@ -385,7 +404,7 @@ def test_inspect_full_scans_every_token(tmp_path, capsys):
     tokens = random_tokens(0, 300_000)
     tokens[10_000] = 300          # between the chunks the load-time check samples
     data.write_shard(tmp_path / "train_000000.bin", tokens)
-    data.write_meta(tmp_path, "bytes", EOT, 257)
+    tokenizer.write_meta(tmp_path, "bytes", EOT, 257)
     next(data.train_batches(make_cfg(tmp_path, "model.vocab_size=301")))
     corpus_tool.inspect_shards(tmp_path)
     with pytest.raises(data.DataError, match="train_000000.bin: token id 300 >= n_vocab=257"):
@@ -403,7 +422,7 @@ def test_stdlib_corpus(tmp_path):
     for split, held in (("train", train), ("val", val)):
         tokens = np.concatenate([data.read_shard(p) for p in data.find_shards(out, split)])
         assert int((tokens == EOT).sum()) == len(held)
-    assert data.read_meta(out) == {"tokenizer": "bytes", "eot": EOT, "n_vocab": 257}
+    assert tokenizer.read_meta(out) == {"tokenizer": "bytes", "eot": EOT, "n_vocab": 257}
     cfg = make_cfg(out, "model.seq_len=256", "data.val_tokens=524288")
     assert next(data.train_batches(cfg))["inputs"].shape == (8, 256) and len(data.val_batches(cfg)) == 256
 
@@ -531,6 +550,6 @@ def test_fineweb_from_local_mirror(tmp_path, shard_bytes):
     out = tmp_path / "fineweb"
     corpus_tool.fineweb(2, out, base_url=mirror.as_uri() + "/")
     assert len(data.find_shards(out, "train")) == 2 and len(data.find_shards(out, "val")) == 1
-    assert data.read_meta(out)["tokenizer"] == "gpt2"
+    assert tokenizer.read_meta(out)["tokenizer"] == "gpt2"
     with pytest.raises(data.DataError, match=r"--train-shards 104 must be in \[1, 103\]"):
         corpus_tool.fineweb(104, out)

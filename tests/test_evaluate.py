@@ -12,12 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-import checkpoint
-import data
 import evaluate
 import model
+import runs
 import sharding
 import tasks
+import tokenizer
 from configs.base import Config, DataConfig, EvalConfig, MeshConfig, ModelConfig
 from conftest import REPO, records, run_train
 from numerics import assert_close
@@ -193,9 +193,9 @@ def test_eval_tasks_during_training(corpus, tmp_path):
     logged = [r for r in records(run) if "val_loss" in r][-1]
     assert logged["step"] == 4
     # The same numbers as scoring the final checkpoint afresh.
-    cfg, directory, step = checkpoint.find_checkpoint(str(run), None)
-    params = checkpoint.restore_params(cfg, directory, step)
-    enc = data.load_tokenizer(corpus)
+    cfg, directory, step = runs.find_checkpoint(str(run), None)
+    params = runs.restore_params(cfg, directory, step)
+    enc = tokenizer.load_tokenizer(corpus)
     for name, path, schema in (("hellaswag", hellaswag, "hellaswag"), ("quiz", mc, "mc")):
         items = tasks.read_items(path, schema, enc, "", cfg.model)
         scores = tasks.accuracy(items, tasks.score_items(tasks.Scorer(cfg.model, mesh()), params, items, 16))
@@ -205,7 +205,7 @@ def test_eval_tasks_during_training(corpus, tmp_path):
 def test_text_items_need_a_tokenizer_the_run_lacks(tmp_path):
     """A run without a tokenizer (an import whose tokenizer did not convert) says why."""
     (tmp_path / "tokenizer").mkdir()
-    (tmp_path / "tokenizer" / tasks.NO_TOKENIZER_NOTE).write_text("hf.py import: no tokenizer.json\n")
+    (tmp_path / "tokenizer" / tokenizer.NO_TOKENIZER_NOTE).write_text("hf.py import: no tokenizer.json\n")
     cfg = Config(model=CFG, data=DataConfig(path=str(tmp_path / "tokenizer")))
-    enc, why = tasks.run_tokenizer(cfg)
-    assert enc is None and why == "hf.py import: no tokenizer.json"
+    enc, why = tokenizer.for_model_or_reason(cfg)
+    assert enc is None and why.startswith("hf.py import: no tokenizer.json; pass --tokenizer")

@@ -15,12 +15,12 @@ from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, pre_tokenizers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2Tokenizer, LlamaConfig,
                           MistralConfig, Qwen3Config)
 
-import checkpoint
-import data
 import hf
 import hf_files
 import model
+import runs
 import sample
+import tokenizer
 from conftest import records, run_train
 from numerics import assert_close
 
@@ -59,8 +59,8 @@ def hf_logits(net, tokens=TOKENS):
 
 
 def run_params(run):
-    cfg, directory, step = checkpoint.find_checkpoint(str(run), None)
-    return cfg, checkpoint.restore_params(cfg, directory, step)
+    cfg, directory, step = runs.find_checkpoint(str(run), None)
+    return cfg, runs.restore_params(cfg, directory, step)
 
 
 def leaves(params):
@@ -111,7 +111,7 @@ def test_export_of_a_trained_run(tiny_run, tmp_path):
     assert_close(hf_logits(net.eval(), tokens), ours, 1e-5)
     text = "héllo wörld<|endoftext|>"
     assert AutoTokenizer.from_pretrained(tmp_path).encode(text) == \
-        data.get_tokenizer("bytes").encode(text, allowed_special="all")
+        tokenizer.get_tokenizer("bytes").encode(text, allowed_special="all")
 
 
 def test_gpt2_as_the_hub_stores_it(tmp_path):
@@ -143,7 +143,7 @@ def gpt2_dir(tmp_path_factory):
     bpe.train_from_iterator(TEXTS * 3, vocab_size=340, min_frequency=1, show_progress=False)
     bpe.save_model(str(directory))
     vocab = json.loads((directory / "vocab.json").read_text())
-    vocab[data.EOT_TEXT] = len(vocab)
+    vocab[tokenizer.EOT_TEXT] = len(vocab)
     (directory / "vocab.json").write_text(json.dumps(vocab))
     hf_model(GPT2Config, dict(vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=1, n_head=2,
                               bos_token_id=len(vocab) - 1, eos_token_id=len(vocab) - 1)).save_pretrained(directory)
@@ -154,7 +154,7 @@ def test_gpt2_tokenizer_is_imported_and_exported(gpt2_dir, tmp_path, capsys):
     reference = GPT2Tokenizer.from_pretrained(gpt2_dir)
     hf.import_run(gpt2_dir, tmp_path / "run")
     capsys.readouterr()
-    enc = data.load_tokenizer(tmp_path / "run" / "tokenizer")   # how sample.py finds a run's tokenizer
+    enc = tokenizer.load_tokenizer(tmp_path / "run" / "tokenizer")   # how sample.py finds a run's tokenizer
     assert enc.encode(SAMPLE, allowed_special="all") == reference.encode(SAMPLE)
     assert enc.eot_token == reference.eos_token_id
     sample.main(["--run", str(tmp_path / "run"), "--prompt", "the quick", "--max-new-tokens", "4",

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 import checkpoint
-import data
 import model
+import runs
 import sample
 import sampling
+import tokenizer
 from configs.base import ModelConfig
 from conftest import REPO
 from sampling import Sampling
@@ -121,7 +122,7 @@ def test_decoding_is_one_loop_that_streams_each_token(params, monkeypatch):
 
 
 def test_streamer_decodes_utf8_across_tokens_and_stops_at_eot(capsys):
-    enc = data.get_tokenizer("bytes")
+    enc = tokenizer.get_tokenizer("bytes")
     streamer = sample.Streamer(enc, stop_at=enc.eot_token)
     printed = []
     for token in [*"né".encode(), enc.eot_token, *b"after"]:
@@ -143,7 +144,7 @@ def test_an_id_the_tokenizer_lacks_prints_as_its_number(capsys):
     assert streamed.startswith("a") and "<|id:" in streamed
     sample.main(args + ["--num-samples", "2"])
     assert capsys.readouterr().out.split("---\n")[0] == streamed
-    assert sample.token_bytes(data.get_tokenizer("bytes"), 3999) == b"<|id:3999|>"
+    assert sample.token_bytes(tokenizer.get_tokenizer("bytes"), 3999) == b"<|id:3999|>"
 
 
 # --- Errors --------------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("parameters loaded before the inputs were checked")
     monkeypatch.setattr(model, "init_params", refuse)
-    monkeypatch.setattr(checkpoint, "restore_params", refuse)
+    monkeypatch.setattr(runs, "restore_params", refuse)
     monkeypatch.setattr(checkpoint, "restore", refuse)
 
 
@@ -255,7 +256,7 @@ def test_a_draft_with_another_tokenizer_fails_in_one_line(tmp_path, corpus, no_l
     other.mkdir()
     ranks = "".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(200))
     (other / "tiny.tiktoken").write_text(ranks)
-    data.write_meta(other, "tiny.tiktoken", 200, 201)
+    tokenizer.write_meta(other, "tiny.tiktoken", 200, 201)
     draft = tmp_path / "draft.py"
     draft.write_text(TINY_PRESET.format(vocab=257).replace('"data/stdlib"', repr(str(other))))
     target = RANDOM[:RANDOM.index("--tokenizer")] + [f"data.path={corpus}"]

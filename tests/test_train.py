@@ -22,6 +22,7 @@ import checkpoint
 import data
 import model
 import optimizer
+import runs
 import sharding
 import train
 from configs.base import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
@@ -175,30 +176,30 @@ def test_muon_orthogonalizes_each_layer_of_the_stacked_matrices(corpus):
 
 def test_restore_params_gives_the_full_restores_parameters_without_an_optimizer(tiny_run, monkeypatch):
     full = restored_state(tiny_run, step=4)
-    cfg, directory, step = checkpoint.find_checkpoint(str(tiny_run), 4)
+    cfg, directory, step = runs.find_checkpoint(str(tiny_run), 4)
     assert (directory, step) == (tiny_run / "checkpoints", 4)
 
     def refuse(*args, **kwargs):
         raise AssertionError("an optimizer or a train state was built to restore the parameters")
     monkeypatch.setattr(optimizer, "make_optimizer", refuse)
     monkeypatch.setattr(train, "init_state", refuse)
-    params = checkpoint.restore_params(cfg, directory, step)
+    params = runs.restore_params(cfg, directory, step)
     jax.tree.map(np.testing.assert_array_equal, params, full["params"])
     # Placed where the given shardings say, with the same values.
     mesh = sharding.make_mesh(cfg.mesh)
     shardings = sharding.param_shardings(cfg.model, cfg.mesh.strategy, mesh)
-    placed = checkpoint.restore_params(cfg, directory, step, shardings)
+    placed = runs.restore_params(cfg, directory, step, shardings)
     for leaf, where in zip(jax.tree.leaves(placed), jax.tree.leaves(shardings)):
         assert leaf.sharding.is_equivalent_to(where, leaf.ndim), (leaf.sharding, where)
     jax.tree.map(np.testing.assert_array_equal, placed, full["params"])
 
 
 def test_find_checkpoint_names_the_run_or_step_at_fault(tiny_run, tmp_path):
-    assert checkpoint.find_checkpoint(str(tiny_run), None)[2] == 8
+    assert runs.find_checkpoint(str(tiny_run), None)[2] == 8
     with pytest.raises(ConfigError, match="no train.py run there"):
-        checkpoint.find_checkpoint(str(tmp_path), None)
+        runs.find_checkpoint(str(tmp_path), None)
     with pytest.raises(ConfigError, match=r"^--step 5: .* has checkpoints at steps 4, 8$"):
-        checkpoint.find_checkpoint(str(tiny_run), 5)
+        runs.find_checkpoint(str(tiny_run), 5)
 
 
 # --- Whole runs ----------------------------------------------------------------------------------
