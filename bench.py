@@ -26,7 +26,6 @@ import os
 from pathlib import Path
 
 import quantize
-import xla_flags
 from benchmarks import common
 from benchmarks.train_step import MODES
 from cli import Parser
@@ -159,7 +158,6 @@ def main(argv=None) -> None:
         os.environ["GLIBC_TUNABLES"] = common.MALLOC_REUSE  # read by each spawned worker at startup
     if getattr(args, "avx2", False):
         common.cap_at_avx2()
-    xla_flags.apply()   # after the cap, which it respects; spawned workers inherit XLA_FLAGS
     mark = common.load_mark()
     try:
         rows = importlib.import_module(RUNNERS[args.command]).run(args)

@@ -31,8 +31,8 @@ import tiktoken
 
 import cli
 import data
-from tokenizer import get_tokenizer, load_tokenizer, read_meta, write_meta, META_FILE, TokenizerUnavailable
 from configs.base import ConfigError
+from tokenizer import META_FILE, TokenizerUnavailable, get_tokenizer, load_tokenizer, read_meta, write_meta
 
 FINEWEB_URL = "https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main/"
 FINEWEB_TRAIN_SHARDS = 103

@@ -29,7 +29,6 @@ import runs
 import sharding
 import tasks
 import tokenizer
-import xla_flags
 from configs.base import Config, ConfigError
 from configs.load import apply_overrides
 
@@ -107,7 +106,7 @@ def evaluate_val(cfg: Config, mesh, load_params, path: str) -> dict[str, float]:
 
 def evaluate_task(cfg: Config, mesh, load_params, args) -> dict[str, float]:
     """acc_norm and acc of a multiple-choice file, with its throughput."""
-    enc, why = tokenizer.for_model_or_reason(cfg, args.tokenizer)
+    enc, why = tokenizer.for_model_or_reason(cfg, args.tokenizer, tokenizer.FLAG_HINT)
     items = tasks.read_items(args.data, args.task, enc, why, cfg.model, args.max_items)
     params = load_params()
     scorer = tasks.Scorer(cfg.model, mesh)
@@ -137,7 +136,6 @@ def evaluate_main(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    xla_flags.apply()
     try:
         evaluate_main(args)
     except ConfigError as err:

@@ -53,7 +53,7 @@ def load_params(cfg: Config, directory: Path, step: int | None = None, shardings
             say(f"warning: {err}; using step {candidate}")
         return candidate, params
     raise checkpoint.CheckpointError(f"no checkpoint in {directory} has readable parameters"
-                          + "".join(f"; step {err.step}: {err.why}" for err in damaged))
+                                     + "".join(f"; step {err.step}: {err.why}" for err in damaged))
 
 
 def run_config(run: str) -> Config:

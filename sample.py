@@ -33,7 +33,6 @@ import quantize
 import runs
 import speculative
 import tokenizer
-import xla_flags
 from configs.base import Config, ConfigError, ModelConfig
 from configs.load import load_config
 from sampling import SampleError, Sampling, left_pad, sample_next
@@ -244,7 +243,7 @@ def draft_source(args, cfg: Config, enc) -> tuple[Config, Callable[[], dict]] | 
     draft = argparse.Namespace(run=args.draft, config=args.draft_config, random_init=not args.draft,
                                step=None, overrides=[])
     draft_cfg, load = model_source(draft)
-    draft_enc = tokenizer.for_model(draft_cfg, args.tokenizer)
+    draft_enc = tokenizer.for_model(draft_cfg, args.tokenizer, tokenizer.FLAG_HINT)
     if (draft_enc.name, draft_enc.n_vocab, draft_enc.eot_token) != (enc.name, enc.n_vocab, enc.eot_token):
         raise SampleError(f"draft tokenizer mismatch: the draft decodes with {draft_enc.name!r} "
                           f"({draft_enc.n_vocab} ids) but the target with {enc.name!r} ({enc.n_vocab} ids); "
@@ -261,7 +260,7 @@ def sample_main(args) -> None:
         raise SampleError(f"--num-samples {args.num_samples} must be >= 1")
     texts = prompt_texts(args)
     cfg, load = model_source(args)
-    enc = tokenizer.for_model(cfg, args.tokenizer)
+    enc = tokenizer.for_model(cfg, args.tokenizer, tokenizer.FLAG_HINT)
     draft = draft_source(args, cfg, enc)
     eot = enc.eot_token
     # Every training document follows an end-of-text token, so a prompt starts where documents do.
@@ -308,7 +307,6 @@ def print_samples(enc, rows: list[tuple[str, list[int]]], outs: list[list[int]])
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    xla_flags.apply()
     try:
         sample_main(args)
     except ConfigError as err:

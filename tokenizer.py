@@ -16,6 +16,9 @@ META_FILE = "tokenizer.json"
 # Written instead of META_FILE where an import found no tokenizer to convert: it says why.
 NO_TOKENIZER_NOTE = "unavailable.txt"
 EOT_TEXT = "<|endoftext|>"
+META_FIELDS = {"tokenizer": str, "eot": int, "n_vocab": int}
+# What the command lines that take --tokenizer add to a NoTokenizer message.
+FLAG_HINT = "; pass --tokenizer bytes|gpt2|PATH.tiktoken (the one the model was trained with)"
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
@@ -29,7 +32,6 @@ class NoTokenizer(TokenizerError):
 
 class TokenizerUnavailable(NoTokenizer):
     """A known tokenizer that cannot be loaded here (gpt2's ranks need network access once)."""
-
 
 
 @lru_cache(maxsize=None)
@@ -49,7 +51,7 @@ def get_tokenizer(name: str) -> tiktoken.Encoding:
     if name.endswith(".tiktoken") and Path(name).is_file():
         return _ranks_file_encoding(name)
     raise TokenizerError(f"unknown tokenizer {name!r}; expected 'gpt2', 'bytes' or the path of an existing "
-                    f".tiktoken ranks file")
+                         f".tiktoken ranks file")
 
 
 def _ranks_file_encoding(path: str) -> tiktoken.Encoding:
@@ -59,7 +61,7 @@ def _ranks_file_encoding(path: str) -> tiktoken.Encoding:
         ranks = tiktoken.load.load_tiktoken_bpe(path)
     except (ValueError, IndexError) as e:
         raise TokenizerError(f"{path} is not a .tiktoken ranks file (lines of '<base64 token> <rank>'): "
-                        f"{e}") from None
+                             f"{e}") from None
     if not ranks:
         raise TokenizerError(f"{path} is an empty .tiktoken ranks file")
     return tiktoken.Encoding(name=Path(path).stem, pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
@@ -67,12 +69,21 @@ def _ranks_file_encoding(path: str) -> tiktoken.Encoding:
 
 
 def read_meta(data_dir) -> dict:
-    """The tokenizer record written beside the shards: {"tokenizer", "eot", "n_vocab"}."""
+    """The tokenizer record written beside the shards: {"tokenizer", "eot", "n_vocab"}, checked."""
     path = Path(data_dir) / META_FILE
     if not path.is_file():
         raise TokenizerError(f"{path} is missing; shards made by `python corpus.py prepare` or `fineweb` "
-                        f"carry it")
-    return json.loads(path.read_text())
+                             f"carry it")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path} is not a readable tokenizer record ({e})") from None
+    meta = meta if isinstance(meta, dict) else {}
+    bad = [key for key, kind in META_FIELDS.items() if not isinstance(meta.get(key), kind)]
+    if bad:
+        raise TokenizerError(f"{path}: {', '.join(bad)} missing or of the wrong type; a record holds "
+                             f"{{\"tokenizer\": str, \"eot\": int, \"n_vocab\": int}}")
+    return meta
 
 
 def load_tokenizer(data_dir) -> tiktoken.Encoding:
@@ -88,9 +99,10 @@ def write_meta(data_dir, tokenizer: str, eot: int, n_vocab: int) -> None:
     (Path(data_dir) / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def for_model(cfg: Config, name: str | None = None) -> tiktoken.Encoding:
+def for_model(cfg: Config, name: str | None = None, hint: str = "") -> tiktoken.Encoding:
     """The tokenizer a model decodes with: `name` if given, else the record beside its data
-    (data.path), else bytes for a 257-token vocabulary. Its ids must fit model.vocab_size."""
+    (data.path), else bytes for a 257-token vocabulary. Its ids must fit model.vocab_size; where
+    none fits, NoTokenizer says why, then `hint` (e.g. FLAG_HINT)."""
     folder = Path(cfg.data.path)
     if name:
         enc = get_tokenizer(name)
@@ -100,18 +112,19 @@ def for_model(cfg: Config, name: str | None = None) -> tiktoken.Encoding:
         enc = get_tokenizer("bytes")
     else:
         note = folder / NO_TOKENIZER_NOTE
-        why = note.read_text().strip() if note.is_file() else f"no tokenizer: {folder / META_FILE} is missing"
-        raise NoTokenizer(f"{why}; pass --tokenizer bytes|gpt2|PATH.tiktoken")
+        raise NoTokenizer((note.read_text().strip() if note.is_file() else f"{folder / META_FILE} is missing")
+                          + hint)
     if enc.n_vocab > cfg.model.vocab_size:
         raise NoTokenizer(f"tokenizer {enc.name!r} has {enc.n_vocab} ids but model.vocab_size is "
-                          f"{cfg.model.vocab_size}; pass the --tokenizer the model was trained with")
+                          f"{cfg.model.vocab_size}" + hint)
     return enc
 
 
-def for_model_or_reason(cfg: Config, name: str | None = None) -> tuple[tiktoken.Encoding | None, str]:
+def for_model_or_reason(cfg: Config, name: str | None = None,
+                        hint: str = "") -> tuple[tiktoken.Encoding | None, str]:
     """(for_model's pick, "") or (None, why none fits), for callers that go on without one (items
     of token ids need none). A name that is no tokenizer at all still raises."""
     try:
-        return for_model(cfg, name), ""
+        return for_model(cfg, name, hint), ""
     except NoTokenizer as e:
         return None, str(e)

@@ -37,7 +37,6 @@ import plot
 import runs
 import sharding
 import tasks
-import xla_flags
 from configs.base import Config, ConfigError
 from configs.load import config_to_dict, load_config
 
@@ -365,10 +364,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.stop_after is not None and args.stop_after < 1:
         raise SystemExit(f"error: --stop-after={args.stop_after} must be a positive number of steps")
-    added = xla_flags.apply()
     init_distributed(args)
-    if added:
-        say(f"XLA_FLAGS += {' '.join(added)} (xla_flags.py: an AMD CPU with AVX-512)")
     try:
         trainer = Trainer(load_config(args.config, args.overrides), args)
     except ConfigError as err:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU rows of notes/benchmarks.md, on one GPU: JAX's training step against the PyTorch twin
-# (eager and torch.compile) on gpt2_124m, eager on modern_160m, in bf16 with cuDNN attention where its
-# shape rules allow, then sample.py's decode speed. Each table goes to OUT_DIR/NAME.txt and its rows
-# to OUT_DIR/NAME.json. Extra arguments go to both `bench.py train` runs (after the suite's own, so
+# The GPU rows of notes/benchmarks.md, on one GPU, in bf16 with cuDNN attention where its shape
+# rules allow: JAX's training step on gpt2_124m against the PyTorch twin (eager and torch.compile),
+# then JAX alone without remat and at four times the batch, sample.py's decode speed, and JAX
+# against eager PyTorch on modern_160m. Each table goes to OUT_DIR/NAME.txt and its rows to
+# OUT_DIR/NAME.json. Extra arguments go to every `bench.py train` run (after the suite's own, so
 # they win): e.g. `--steps 1 --warmup 0 --batch 1 --seq 64` for a quick look on a CPU.
 # Usage: scripts/gpu_suite.sh OUT_DIR [bench.py train arguments...]
 set -uo pipefail

@@ -9,7 +9,6 @@ from unittest import mock
 import pytest
 
 import bench
-import xla_flags
 from benchmarks import common, profile, train_step
 from configs.load import load_config, preset_path
 from conftest import REPO
@@ -146,19 +145,6 @@ def test_avx2_cap_reaches_both_frameworks_and_the_header(monkeypatch):
     common.cap_at_avx2()
     assert common.os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_cpu_max_isa=AVX2"
     assert "ATEN_CPU_CAPABILITY=avx2" in common.header("train", CANNED)
-
-
-def test_xla_flags_widen_vectors_where_measured_and_never_over_the_user(monkeypatch):
-    wide = ["--xla_cpu_prefer_vector_width=512"]
-    assert xla_flags.cpu_flags("", wide=True) == wide
-    assert xla_flags.cpu_flags("", wide=False) == []
-    assert xla_flags.cpu_flags("--xla_cpu_max_isa=AVX2", wide=True) == []    # bench.py --avx2
-    assert xla_flags.cpu_flags("--xla_cpu_prefer_vector_width=256", wide=True) == []
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
-    monkeypatch.setattr(xla_flags, "wide_vectors_measured", lambda: True)
-    assert xla_flags.apply() == wide
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false " + wide[0]
-    assert xla_flags.apply() == []     # once is enough: the flag is now the user's
 
 
 @pytest.mark.parametrize("args,message", [

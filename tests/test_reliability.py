@@ -4,8 +4,8 @@ and every bad input is one line `error: ...` with nothing lost. "Nothing lost" i
 hashing every file of the good checkpoints before and after, and restoring them bit-exactly.
 
 A finished run (conftest's `tiny_run`, checkpoints 4 and 8) is only read; damage is done to copies.
-Restores run in-process where a subprocess adds nothing; the fuzz test damages a random file of a
-random step 20 times and resumes in-process each time."""
+Restores run in-process where a subprocess adds nothing; the fuzz test damages a random file 10
+times, alternately of the newest step and of the rest, and resumes in-process each time."""
 import contextlib
 import dataclasses
 import hashlib
