@@ -43,7 +43,7 @@ DEFAULT_NEW_TOKENS = 256    # when --max-new-tokens is not given (fewer if the c
 # --- Generation ----------------------------------------------------------------------------------
 
 
-def prefill(params, prompt_BT, start_B, key, cfg: ModelConfig, sampling: Sampling, cache_len: int):
+def prefill(params, prompt_BT, cfg: ModelConfig, start_B, key, sampling: Sampling, cache_len: int):
     """Run the whole prompt batch through the model in one call, filling a fresh cache; returns
     the first new token of each row and the cache."""
     cache = model.init_cache(cfg, prompt_BT.shape[0], cache_len, start=start_B)
@@ -52,7 +52,7 @@ def prefill(params, prompt_BT, start_B, key, cfg: ModelConfig, sampling: Samplin
     return sample_next(jax.random.fold_in(key, 0), logits_BTV[:, -1], sampling), cache
 
 
-def decode(params, token_B, cache, key, cfg: ModelConfig, sampling: Sampling, steps: int,
+def decode(params, token_B, cfg: ModelConfig, cache, key, sampling: Sampling, steps: int,
            eot: int | None, on_token):
     """`steps` more tokens after token_B, in one while_loop on the device: ([B, steps + 1], cache).
 
@@ -96,13 +96,13 @@ def generate(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens:
     check_lengths(cfg, prompts, max_new_tokens)
     tokens_BT, start_B = left_pad(prompts)
     key = jax.random.key(seed)
-    token_B, cache = prefill_fn(params, tokens_BT, start_B, key, cfg, sampling,
+    token_B, cache = prefill_fn(params, tokens_BT, cfg, start_B, key, sampling,
                                 tokens_BT.shape[1] + max_new_tokens - 1)
     if on_token is not None:
         on_token(np.asarray(token_B))    # before the loop starts, so tokens arrive in order
     out_BN = token_B[:, None]
     if max_new_tokens > 1:
-        out_BN, _ = decode_fn(params, token_B, cache, key, cfg, sampling, max_new_tokens - 1, eot, on_token)
+        out_BN, _ = decode_fn(params, token_B, cfg, cache, key, sampling, max_new_tokens - 1, eot, on_token)
     rows = np.asarray(out_BN).tolist()
     return [row[:row.index(eot)] if eot in row else row for row in rows]
 

@@ -52,14 +52,14 @@ def measure(params, cfg: ModelConfig, batch: int, args) -> tuple[float, float]:
     """Prefill and decode tokens/s of one batch of random prompts, greedy."""
     greedy, key = sampling.Sampling(temperature=0.0), jax.random.key(0)
     prompt_BT = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, args.prompt), np.int32)
-    prefill_args = (params, prompt_BT, np.zeros(batch, np.int32), key, cfg, greedy, args.prompt + args.new - 1)
+    prefill_args = (params, prompt_BT, cfg, np.zeros(batch, np.int32), key, greedy, args.prompt + args.new - 1)
     prefill = lambda: jax.block_until_ready(sample.prefill_fn(*prefill_args))
     prefill_s = common.time_steps(prefill, args.repeats, warmup=0)[1]
 
     def decode_seconds():
         token_B, cache = prefill()
         start = time.perf_counter()
-        jax.block_until_ready(sample.decode_fn(params, token_B, cache, key, cfg, greedy, args.new - 1, None, None))
+        jax.block_until_ready(sample.decode_fn(params, token_B, cfg, cache, key, greedy, args.new - 1, None, None))
         return time.perf_counter() - start
     decode_seconds()   # the compile
     decode_s = statistics.median(decode_seconds() for _ in range(args.repeats))
