@@ -12,7 +12,6 @@ import pytest
 import corpus as corpus_tool    # conftest's session fixture is named `corpus`
 import data
 import tokenizer
-from configs.base import ConfigError
 
 from test_data import EOT, make_cfg, random_tokens
 from test_tokenizer import write_ranks
@@ -89,14 +88,14 @@ def test_failed_prepare_leaves_no_shards(texts, tmp_path, monkeypatch):
 
 def test_bad_prepare_inputs(texts, tmp_path):
     folder, _ = texts
-    cases = [({"input_spec": str(tmp_path / "none/*.txt")}, "matches no files"),
-             ({"input_spec": str(folder / "doc1.txt")}, "matches 1 file; need at least 2"),
-             ({"tokenizer": "gpt5"}, "unknown tokenizer 'gpt5'"),
-             ({"val_fraction": 1.0}, "--val-fraction 1.0 must be between 0 and 1"),
-             ({"shard_tokens": 0}, "--shard-tokens 0 must be in")]
-    for change, message in cases:
+    cases = [({"input_spec": str(tmp_path / "none/*.txt")}, data.DataError, "matches no files"),
+             ({"input_spec": str(folder / "doc1.txt")}, data.DataError, "matches 1 file; need at least 2"),
+             ({"tokenizer": "gpt5"}, tokenizer.TokenizerError, "unknown tokenizer 'gpt5'"),
+             ({"val_fraction": 1.0}, data.DataError, "--val-fraction 1.0 must be between 0 and 1"),
+             ({"shard_tokens": 0}, data.DataError, "--shard-tokens 0 must be in")]
+    for change, error, message in cases:
         args = {"input_spec": str(folder / "*.txt"), "tokenizer": "bytes", "out": tmp_path / "out", **change}
-        with pytest.raises(ConfigError, match=message):   # DataError, or TokenizerError for the name
+        with pytest.raises(error, match=message):
             corpus_tool.prepare(**args)
     assert not (tmp_path / "out").exists()
 

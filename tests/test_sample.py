@@ -190,6 +190,14 @@ def test_bad_inputs_fail_in_one_line_before_loading(no_loading, extra, match):
     fails(RANDOM + extra, match)
 
 
+def test_a_missing_bad_or_too_wide_tokenizer_fails_in_one_line(tmp_path, no_loading):
+    no_flag = RANDOM[:-2] + ["model.vocab_size=300", f"data.path={tmp_path}"]   # RANDOM ends --tokenizer bytes
+    fails(no_flag, r"tokenizer.json is missing; pass --tokenizer bytes\|gpt2\|PATH.tiktoken")
+    fails(RANDOM + ["model.vocab_size=100"], "'bytes' has 257 ids but model.vocab_size is 100; pass --tokenizer")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    fails(no_flag, r"tokenizer.json is not a readable tokenizer record")
+
+
 def test_an_empty_prompt_file_and_a_missing_run_or_step_fail_in_one_line(tmp_path, tiny_run, no_loading):
     (tmp_path / "empty.txt").write_text("")
     fails(RANDOM + ["--prompt-file", str(tmp_path / "empty.txt")], "empty.txt is empty")

@@ -7,7 +7,7 @@ import pytest
 import tokenizer
 from configs.base import Config, DataConfig, ModelConfig
 
-EOT = 256   # the bytes tokenizer's end-of-text id
+from test_data import EOT
 
 
 def write_ranks(path, extra=(b"th", b"he", b"the")):
