@@ -25,7 +25,7 @@ import cli
 import model
 import plot
 from configs.base import Config, ConfigError
-from configs.load import config_from_dict, config_to_dict, load_config
+from configs.load import config_to_dict, load_config, run_config
 
 REPO = Path(__file__).resolve().parent
 
@@ -115,8 +115,8 @@ def finished_twin(cfg: Config, runs_root) -> Path | None:
     want = _identity(cfg)
     for config_file in sorted(Path(runs_root).glob("*/*/config.json")):
         try:
-            other = config_from_dict(json.loads(config_file.read_text()))
-        except (ConfigError, json.JSONDecodeError):
+            other = run_config(config_file.parent, flag="")
+        except ConfigError:
             continue
         if config_file.parent != Path(cfg.train.run_dir) and _identity(other) == want and finished(other):
             return config_file.parent

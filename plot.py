@@ -14,7 +14,7 @@ from pathlib import Path
 import cli
 import model
 from configs.base import ConfigError
-from configs.load import config_from_dict
+from configs.load import config_to_dict, run_config
 
 X_AXES = ("step", "tokens", "time", "flops")
 SMOOTHED_POINTS = 20   # the train-loss EMA averages over about len/20 records; val points are raw
@@ -48,7 +48,7 @@ def _x_values(records: list[dict], x: str, run_dir) -> list[float]:
             previous = record["step"]
             out.append(total)
         return out
-    cfg = config_from_dict(json.loads((Path(run_dir) / "config.json").read_text())).model
+    cfg = run_config(run_dir, flag="").model
     per_token = model.flops_per_token(cfg, cfg.seq_len)
     return [record["tokens"] * per_token for record in records]
 
@@ -81,7 +81,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def labels(run_dirs) -> list[str]:
     """Each run's legend: the config fields whose values differ between the runs (the run
     directory's name when they all agree, or for a single run)."""
-    configs = [_flat(json.loads((Path(run) / "config.json").read_text())) for run in run_dirs]
+    configs = [_flat(config_to_dict(run_config(run, flag=""))) for run in run_dirs]
     differing = [key for key in configs[0] if key not in ("name", "train.run_dir")
                  and len({json.dumps(c.get(key)) for c in configs}) > 1]
     if len(run_dirs) < 2 or not differing:

@@ -3,7 +3,6 @@ step to load, and its parameters alone, restored through checkpoint.py with no o
 (so any optimizer may have written them). Every error names the --run or --step at fault."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -11,7 +10,7 @@ import jax
 import checkpoint
 import model
 from configs.base import Config, ConfigError
-from configs.load import config_from_dict
+from configs.load import run_config
 
 
 def abstract_params(cfg: Config, shardings=None) -> dict:
@@ -54,19 +53,6 @@ def load_params(cfg: Config, directory: Path, step: int | None = None, shardings
         return candidate, params
     raise checkpoint.CheckpointError(f"no checkpoint in {directory} has readable parameters"
                                      + "".join(f"; step {err.step}: {err.why}" for err in damaged))
-
-
-def run_config(run: str) -> Config:
-    """The config a train.py run directory was written with; errors name --run."""
-    path = Path(run) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"--run {run}: no train.py run there ({path} is missing)")
-    try:
-        return config_from_dict(json.loads(path.read_text()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"--run {run}: {path} is not readable JSON ({err})") from None
-    except (ConfigError, TypeError, AttributeError) as err:    # valid JSON, but not a config's sections
-        raise ConfigError(f"--run {run}: {path} is not a config this code can read ({err})") from None
 
 
 def find_checkpoint(run: str, step: int | None) -> tuple[Config, Path, int]:

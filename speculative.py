@@ -161,11 +161,7 @@ def run(target_params, draft_params, prompt_BT, start_B, key, target_cfg: ModelC
     return decode(target_params, draft_params, state, key, *args)
 
 
-_STATIC = ("target_cfg", "draft_cfg", "sampling", "lookahead", "eot")
-run_fn = jax.jit(run, static_argnames=_STATIC + ("max_new",))
-# Step by step (tests, tools): the state is donated and returned, so the caches update in place.
-prefill_fn = jax.jit(prefill, static_argnames=_STATIC + ("max_new",))
-round_fn = jax.jit(spec_round, static_argnames=_STATIC, donate_argnames="state")
+run_fn = jax.jit(run, static_argnames=("target_cfg", "draft_cfg", "sampling", "lookahead", "max_new", "eot"))
 
 
 def generate(target_params, target_cfg: ModelConfig, draft_params, draft_cfg: ModelConfig,

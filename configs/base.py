@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+FLOAT32_MAX = 3.4028234663852886e38   # float fields must fit the float32 step
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 STRATEGIES = ("dp", "fsdp", "tp")    # sharding.RULES has one table for each
 
@@ -91,8 +92,9 @@ class _Validated:
             if not ok:
                 _fail(f"{self.section}.{f.name}={value!r} has type {type(value).__name__}; "
                       f"expected {_type_name(hint)}")
-            if isinstance(coerced, float) and not math.isfinite(coerced):
-                _fail(f"{self.section}.{f.name}={coerced!r} must be a finite number")
+            if isinstance(coerced, float) and not abs(coerced) <= FLOAT32_MAX:   # NaN fails too
+                _fail(f"{self.section}.{f.name}={coerced!r} must be a finite number within float32's range "
+                      f"(|value| <= {FLOAT32_MAX:.4g}): the step computes in float32")
             object.__setattr__(self, f.name, coerced)
         self.validate()
 

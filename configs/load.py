@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
 import sys
 import types
 import typing
 from pathlib import Path
 
-from configs.base import REPO_ROOT, Config, _fail, _type_name
+from configs.base import REPO_ROOT, Config, ConfigError, _fail, _type_name
 
 SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name != "name"}
 
@@ -132,3 +133,17 @@ def load_config(path, overrides=()) -> Config:
     if not config.name:
         config = dataclasses.replace(config, name=path.stem)
     return apply_overrides(config, overrides)
+
+
+def run_config(run, flag: str = "--run") -> Config:
+    """The config a train.py run directory was written with (its config.json); errors name the
+    directory, after `flag`, the command-line flag that gave it ("" for a positional argument)."""
+    path, where = Path(run) / "config.json", f"{flag} {run}".strip()
+    if not path.is_file():
+        raise ConfigError(f"{where}: no train.py run there ({path} is missing)")
+    try:
+        return config_from_dict(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{where}: {path} is not readable JSON ({err})") from None
+    except (ConfigError, TypeError, AttributeError) as err:    # valid JSON, but not a config's sections
+        raise ConfigError(f"{where}: {path} is not a config this code can read ({err})") from None

@@ -110,9 +110,13 @@ def test_plot_writes_a_png_with_a_legend_from_config_differences(tiny_run, tmp_p
     (["{run}", "--metric", "perplexity"], "error: --metric 'perplexity': {run} logs none; choose one of"),
     (["{empty}"], "error: {empty}: no metrics.jsonl"),
     (["{run}", "--x", "epochs"], "error: argument --x: invalid choice: 'epochs'"),
+    (["{run}", "{broken}"], "error: {broken}: {broken}/config.json is not readable JSON"),
 ])
 def test_plot_bad_input_is_one_line(tiny_run, tmp_path, args, message):
-    names = {"run": str(tiny_run), "empty": str(tmp_path)}
+    broken = shutil.copytree(tiny_run, tmp_path / "broken")
+    (broken / "config.json").write_text("{bad")
+    names = {"run": str(tiny_run), "empty": str(tmp_path / "empty"), "broken": str(broken)}
+    (tmp_path / "empty").mkdir()
     args = [a.format(**names) for a in args]
     proc = subprocess.run([sys.executable, "plot.py", *args, "--out", str(tmp_path / "x.png")], cwd=REPO,
                           capture_output=True, text=True)

@@ -155,7 +155,8 @@ def test_derived_sizes_follow_overrides_and_replace():
 
 
 @pytest.mark.parametrize("override", ["optim.lr=nan", "optim.lr=inf", "model.norm_eps=nan",
-                                      "model.rope_theta=-inf", "train.peak_flops=nan"])
+                                      "model.rope_theta=-inf", "train.peak_flops=nan",
+                                      "optim.lr=1e39"])   # beyond float32: inf in the step
 def test_non_finite_floats_are_rejected_naming_the_field(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"{key}=.* must be a finite number"):

@@ -187,8 +187,10 @@ def test_a_rejected_round_rolls_both_caches_back_to_the_accepted_length(target, 
     prompt_BT = np.array([[0] * (9 - len(p)) + p for p in PROMPTS], np.int32)
     start_B = np.array([9 - len(p) for p in PROMPTS], np.int32)
     key, draft = jax.random.key(0), drafts["other"]
-    state = speculative.prefill_fn(target, draft, prompt_BT, start_B, key, max_new=NEW, **static)
-    state = speculative.round_fn(target, draft, state, key, **static)
+    # One round on its own, jitted as run_fn jits the whole loop.
+    state = jax.jit(speculative.prefill, static_argnames=(*static, "max_new"))(
+        target, draft, prompt_BT, start_B, key, max_new=NEW, **static)
+    state = jax.jit(speculative.spec_round, static_argnames=tuple(static))(target, draft, state, key, **static)
     count = int(state["count"])
     assert count - 1 < lookahead + 1                       # a rejection: fewer than K + 1 emitted
     assert int(state["target"]["index"]) == 9 + count - 1  # through the token before the last

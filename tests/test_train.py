@@ -26,7 +26,7 @@ import runs
 import sharding
 import train
 from configs.base import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from configs.load import apply_overrides, config_from_dict
+from configs.load import apply_overrides, run_config
 from conftest import REPO, TINY, records, run_train
 
 def tiny_config(corpus, *overrides) -> Config:
@@ -37,10 +37,6 @@ def tiny_config(corpus, *overrides) -> Config:
 
 def saved_steps(run_dir):
     return sorted(int(p.name) for p in (Path(run_dir) / "checkpoints").iterdir() if p.name.isdigit())
-
-
-def run_config(run_dir) -> Config:
-    return config_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
 
 
 def restored_state(run_dir, step=None) -> dict:
