@@ -12,6 +12,9 @@
         [--steps 5] [--warmup 2] [--default-malloc]                  # dp vs fsdp, simulated devices
     python bench.py profile [--config configs/NAME.py] [section.field=value ...] [--batch 8] [--seq 256]
         [--steps 3] [--warmup 2] [--default-malloc] [--avx2]         # a JAX step's time per op category
+    python bench.py ab [--config configs/NAME.py] [section.field=value ...] --variant base
+        --variant NAME:section.field=value,xla_cpu_...=value [--rounds 12] [--batch 8] [--seq 256]
+        [--warmup 2] [--dtype float32|bfloat16] [--default-malloc]   # settings paired in one process
 
 Every subcommand takes --json FILE (its rows, as measured) and ends by saying how busy other
 processes kept the machine: on a shared machine, rerun when that is ~0. Speed is measured here,
@@ -32,7 +35,7 @@ from cli import Parser
 from configs.base import ConfigError
 
 RUNNERS = {"train": "benchmarks.train_step", "loader": "benchmarks.loader", "decode": "benchmarks.decode",
-           "mesh": "benchmarks.mesh", "profile": "benchmarks.profile"}
+           "mesh": "benchmarks.mesh", "profile": "benchmarks.profile", "ab": "benchmarks.ab"}
 
 
 def positive(text: str) -> int:
@@ -118,13 +121,25 @@ def add_others(commands, shared) -> None:
     p.add_argument("--warmup", type=non_negative, default=2)
     p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc at its defaults")
     p.add_argument("--avx2", action="store_true", help="cap XLA's kernels at AVX2")
+    p = commands.add_parser("ab", parents=[shared], help="JAX steps under several settings, paired in one process")
+    p.add_argument("--config", help="a preset file (default configs/small_6x384.py)")
+    p.add_argument("overrides", nargs="*", help="section.field=value, for every variant")
+    p.add_argument("--variant", action="append", help="NAME or NAME:ITEM,ITEM (section.field=value or "
+                   "xla_...=value); repeat it; the first is the baseline (default: one 'base')")
+    p.add_argument("--batch", type=positive, default=8)
+    p.add_argument("--seq", type=positive, default=256)
+    p.add_argument("--rounds", type=positive, default=12, help="paired rounds, one step of every variant each")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype (default float32 on a CPU, bfloat16 on a GPU)")
+    p.add_argument("--warmup", type=non_negative, default=2)
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc at its defaults")
 
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     shared = Parser(add_help=False)
     shared.add_argument("--json", help="write the rows to this file")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,loader,decode,mesh,profile}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,loader,decode,mesh,profile,ab}")
     add_train(commands, shared)
     add_others(commands, shared)
     args, extra = parser.parse_known_args(argv)
@@ -154,7 +169,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if not getattr(args, "default_malloc", True):  # train and mesh spawn workers; the others do not
+    if not getattr(args, "default_malloc", True):  # the commands that spawn workers have the flag
         os.environ["GLIBC_TUNABLES"] = common.MALLOC_REUSE  # read by each spawned worker at startup
     if getattr(args, "avx2", False):
         common.cap_at_avx2()

@@ -137,6 +137,29 @@ def test_profile_splits_the_step_into_op_categories(tmp_path, capsys, canned_har
     assert set(seconds) <= set(profile.CATEGORIES) and rows[0]["temp_bytes"] > 0
 
 
+def test_ab_pairs_config_and_compile_option_variants(tmp_path, capsys, canned_hardware, monkeypatch):
+    monkeypatch.setattr(common, "in_worker", lambda fn, *args: fn(*args))
+    out, rows = run_bench(["ab", *TINY, "--batch", "2", "--seq", "16", "--rounds", "3", "--warmup", "0",
+                           "--variant", "base", "--variant", "full:model.remat=full",
+                           "--variant", "exact:xla_cpu_enable_fast_math=false"], tmp_path, capsys)
+    table = table_lines(out, "variant")
+    assert [line.split()[0] for line in table[1:]] == ["base", "full", "exact"]
+    assert [row["name"] for row in rows] == ["base", "full", "exact"]
+    assert all(len(row["times"]) == 3 and row["seconds"] > 0 and row["compile_s"] > 0 for row in rows)
+    assert rows[0]["ratio"] == rows[0]["ratio_q1"] == rows[0]["ratio_q3"] == 1.0
+    assert all(row["ratio_q1"] <= row["ratio"] <= row["ratio_q3"] for row in rows)
+    # The same model and data under each: the same loss, up to the fusions' rounding.
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5) == rows[2]["loss"]
+
+
+def test_ab_refuses_a_bad_compile_option_in_one_line(tmp_path, capsys, canned_hardware, monkeypatch):
+    monkeypatch.setattr(common, "in_worker", lambda fn, *args: fn(*args))
+    with pytest.raises(SystemExit) as err:
+        run_bench(["ab", *TINY, "--variant", "base", "--variant", "odd:xla_cpu_enable_fast_math=maybe"],
+                  tmp_path, capsys)
+    assert str(err.value).startswith("error: --variant odd: ") and "\n" not in str(err.value)
+
+
 def test_avx2_cap_reaches_both_frameworks_and_the_header(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
     for name in common.AVX2_ENV:   # recorded as they were, so the teardown restores them
@@ -156,6 +179,10 @@ def test_avx2_cap_reaches_both_frameworks_and_the_header(monkeypatch):
     (["train", "--config", "configs/quickstart.py", "optim.name=muon"], "the PyTorch twin has AdamW only"),
     (["decode", "--new", "1"], "--new must be at least 2"),
     (["loader", "--steps", "0"], "must be a positive integer"),
+    (["ab", "--variant", "a=b"], "--variant 'a=b': give NAME or NAME:ITEM,ITEM"),
+    (["ab", "--variant", "x", "--variant", "x"], "--variant names must differ: x, x"),
+    (["ab", "--variant", "x:model.remat"], "item 'model.remat' needs KEY=VALUE"),
+    (["ab", "--variant", "x:model.remat=sometimes"], "model.remat='sometimes' is not valid"),
 ])
 def test_errors_are_one_line(args, message):
     proc = subprocess.run([sys.executable, "bench.py", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
