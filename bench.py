@@ -11,7 +11,7 @@
     python bench.py mesh [--config configs/NAME.py] [section.field=value ...] [--batch 8] [--seq 256]
         [--steps 5] [--warmup 2] [--default-malloc]                  # dp vs fsdp, simulated devices
     python bench.py profile [--config configs/NAME.py] [section.field=value ...] [--batch 8] [--seq 256]
-        [--steps 3] [--warmup 2] [--default-malloc] [--avx2]         # a JAX step's time per op category
+        [--steps 3] [--warmup 2] [--dtype D] [--default-malloc] [--avx2]   # a JAX step's time per op category
     python bench.py ab [--config configs/NAME.py] [section.field=value ...] --variant base
         --variant NAME:section.field=value,xla_cpu_...=value [--rounds 12] [--batch 8] [--seq 256]
         [--warmup 2] [--dtype float32|bfloat16] [--default-malloc]   # settings paired in one process
@@ -119,6 +119,8 @@ def add_others(commands, shared) -> None:
     p.add_argument("--seq", type=positive, default=256)
     p.add_argument("--steps", type=positive, default=3, help="traced steps")
     p.add_argument("--warmup", type=non_negative, default=2)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype (default float32 on a CPU, bfloat16 on a GPU)")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc at its defaults")
     p.add_argument("--avx2", action="store_true", help="cap XLA's kernels at AVX2")
     p = commands.add_parser("ab", parents=[shared], help="JAX steps under several settings, paired in one process")

@@ -51,8 +51,7 @@ def variants(args, gpu: bool) -> list[tuple[str, object, dict]]:
         raise ConfigError(f"--variant names must differ: {', '.join(names)}")
     out = []
     for name, overrides, options in parsed:
-        dtype = args.dtype or ("bfloat16" if gpu else "float32")
-        cfg = train_step.bench_config(apply_overrides(base, overrides), args.batch, dtype, gpu)
+        cfg = train_step.bench_config(apply_overrides(base, overrides), args.batch, args.dtype, gpu)
         if args.seq > cfg.model.max_len:
             raise ConfigError(f"--seq {args.seq} exceeds {cfg.name}'s context of {cfg.model.max_len} tokens")
         out.append((name, cfg, options))

@@ -6,13 +6,15 @@ thunk: a fusion, a dot, a copy) is summed into the category of that instruction,
 compiled HLO: a fusion is classified by what it contains. An op's time is its wall time on the
 thread that started it (a matmul spreads its work over the thread pool inside that one event), so
 the categories add up to about the step's wall time when ops run one after another, and to more
-when independent ops overlap; "cores busy" gives both that sum and the process's CPU time over
-the wall time.
+when independent ops overlap; "busy in ops" gives both that sum and the process's CPU time over
+the wall time. On a GPU the events are the kernels on the device's streams, each named by the
+instruction XLA launched it for, so "busy in ops" is the share of the step the GPU computed.
 """
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import tempfile
 from collections import Counter, defaultdict
@@ -80,8 +82,13 @@ def classify(opcode: str, rest: str, computations) -> str | None:
         inner = _opcodes(computations, called.group(1)) if called else inner
     ops = {op for op, _ in inner}
     dots = [r for op, r in inner if op in ("dot", "convolution")]
+    # On a GPU: cuBLAS GEMMs and cuDNN's fused attention are custom calls.
+    dots += [r for op, r in inner if op == "custom-call" and "gemm" in r]
+    if any(op == "custom-call" and "fmha" in r for op, r in inner):
+        return "attention matmuls"
     if dots:
-        return "attention matmuls" if any("lhs_batch_dims" in r for r in dots) else "weight matmuls"
+        batched = ("lhs_batch_dims", '"lhs_batch_dimensions":["')
+        return "attention matmuls" if any(b in r for r in dots for b in batched) else "weight matmuls"
     if ops & {"reduce", "reduce-window"}:
         return "reductions"
     if ops & {"dynamic-slice", "dynamic-update-slice"} and ops <= _MOVES | {"dynamic-slice", "dynamic-update-slice"}:
@@ -115,16 +122,40 @@ def categories(hlo_text: str) -> dict[str, tuple[str, str]]:
     return out
 
 
+def gpu_streams(events: list[dict]) -> set:
+    """(pid, tid) of the GPU's stream lines in a trace: the kernels as they ran. The device's other
+    lines (XLA Modules, XLA Ops) are spans derived from them and would count them twice."""
+    names = {(e["pid"], e.get("tid")): str(e.get("args", {}).get("name", "")) for e in events
+             if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
+    gpus = {pid for (pid, tid), name in names.items() if tid is None and name.startswith("/device:GPU")}
+    return {(pid, tid) for (pid, tid), name in names.items() if pid in gpus and tid is not None
+            and name.startswith("Stream")}
+
+
+def instruction(event: dict, names, streams: set) -> str | None:
+    """The instruction a trace event ran: on a CPU the thunk's own name; on a GPU, for kernels on
+    the device's streams only (the host's launches would count twice), the `hlo_op` XLA attached."""
+    if streams:
+        if (event.get("pid"), event.get("tid")) not in streams:
+            return None
+        return event.get("args", {}).get("hlo_op", event["name"])
+    return event["name"] if event["name"] in names else None
+
+
 def op_times(trace_dir: str, names: dict[str, tuple[str, str]]) -> tuple[Counter, Counter, Counter]:
-    """Seconds summed over the trace's events: per category, per phase, per instruction."""
-    trace = json.load(gzip.open(next(Path(trace_dir).rglob("*.trace.json.gz"))))
+    """Seconds summed over the trace's events: per category, per phase, per instruction. A GPU
+    kernel no instruction claims counts as "other", under its kernel's name, in no phase."""
+    events = json.load(gzip.open(next(Path(trace_dir).rglob("*.trace.json.gz"))))["traceEvents"]
+    streams = gpu_streams(events)
     per_category, per_phase, per_op = Counter(), Counter(), Counter()
-    for event in trace["traceEvents"]:
-        if event.get("ph") == "X" and event["name"] in names:
-            category, part = names[event["name"]]
+    for event in events:
+        name = instruction(event, names, streams) if event.get("ph") == "X" else None
+        if name:
+            category, part = names.get(name, ("other", None))
             per_category[category] += event["dur"] / 1e6
-            per_phase[part] += event["dur"] / 1e6
-            per_op[event["name"]] += event["dur"] / 1e6
+            if part:
+                per_phase[part] += event["dur"] / 1e6
+            per_op[name] += event["dur"] / 1e6
     return per_category, per_phase, per_op
 
 
@@ -163,8 +194,8 @@ def table(result: dict) -> str:
         seconds = result["categories"].get(name, 0.0)
         rows.append((name, f"{1e3 * seconds:,.1f}", f"{seconds / busy:.0%}", what))
     wall = result["wall_s"]
-    rows.append(("all ops", f"{1e3 * busy:,.1f}", "100%", f"step wall {1e3 * wall:,.1f} ms (traced); cores busy: "
-                 f"in ops {busy / wall:.2f}, the process {result['cpu_s'] / wall:.2f}"))
+    rows.append(("all ops", f"{1e3 * busy:,.1f}", "100%", f"step wall {1e3 * wall:,.1f} ms (traced); busy in ops "
+                 f"{busy / wall:.2f} (a GPU's kernels, or a CPU's cores), the process's cores {result['cpu_s'] / wall:.2f}"))
     lines = [format_table(rows, right=(1, 2)),
              f"XLA's buffers: state and batch {result['argument_bytes'] / 2**20:,.0f} MiB (donated), "
              f"temporaries {result['temp_bytes'] / 2**20:,.0f} MiB",
@@ -176,11 +207,14 @@ def table(result: dict) -> str:
 
 
 def run(args) -> list[dict]:
-    """`bench.py profile`: the table for --config (default the 6x384 suite shape)."""
-    name = args.config or str(preset_path("small_6x384"))
-    cfg = train_step.bench_config(load_config(name, args.overrides), args.batch, "float32", gpu=False)
+    """`bench.py profile`: the table for --config (default the 6x384 suite shape). On a GPU, XLA's
+    command buffers are turned off for the worker: kernels replayed from one keep no `hlo_op`."""
+    config = load_config(args.config or str(preset_path("small_6x384")), args.overrides)
     hw = common.hardware(("jax",))
-    print(common.header("profile", hw, f"{cfg.name}: batch {args.batch} x seq {args.seq}, fp32, "
+    cfg = train_step.bench_config(config, args.batch, args.dtype, hw["gpu"])
+    if hw["gpu"]:
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer=".strip()
+    print(common.header("profile", hw, f"{cfg.name}: batch {args.batch} x seq {args.seq}, {cfg.model.compute_dtype}, "
                         f"attn_impl {cfg.model.attn_impl}, malloc {common.malloc_label()}; "
                         f"{args.steps} traced steps after {args.warmup + 1}"))
     batch = common.make_batch(args.batch, args.seq, cfg.model.vocab_size)

@@ -107,10 +107,11 @@ def cudnn_fits(cfg, gpu: bool) -> bool:
     return gpu and cfg.compute_dtype in ("bfloat16", "float16") and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
 
 
-def bench_config(cfg: Config, batch: int, dtype: str, gpu: bool) -> Config:
-    """The preset as measured: `dtype` compute (cuDNN attention where it fits), one micro-batch of
-    `batch` sequences, one device. Optimizer settings stay the preset's."""
-    model_cfg = dataclasses.replace(cfg.model, compute_dtype=dtype)
+def bench_config(cfg: Config, batch: int, dtype: str | None, gpu: bool) -> Config:
+    """The preset as measured: `dtype` compute (None: bfloat16 on a GPU, float32 on a CPU), cuDNN
+    attention where it fits, one micro-batch of `batch` sequences, one device. Optimizer settings
+    stay the preset's."""
+    model_cfg = dataclasses.replace(cfg.model, compute_dtype=dtype or ("bfloat16" if gpu else "float32"))
     if cudnn_fits(model_cfg, gpu):
         model_cfg = dataclasses.replace(model_cfg, attn_impl="cudnn")
     return dataclasses.replace(cfg, model=model_cfg, mesh=MeshConfig(),
@@ -125,7 +126,6 @@ def cases(args, gpu: bool) -> list[tuple[Config, int]]:
     else:
         specs = [(load_config(preset_path(name), args.overrides), batch, seq)
                  for name, batch, seq in SUITE["gpu" if gpu else "cpu"]]
-    dtype = args.dtype or ("bfloat16" if gpu else "float32")
     out = []
     for cfg, batch, seq in specs:
         if seq > cfg.model.max_len:
@@ -134,7 +134,7 @@ def cases(args, gpu: bool) -> list[tuple[Config, int]]:
         if cfg.optim.name != "adamw" and not args.layouts and set(args.modes) != {"jit"}:
             raise ConfigError(f"{cfg.name}: optim.name={cfg.optim.name!r}, but the PyTorch twin has AdamW "
                               f"only; add optim.name=adamw")
-        out.append((bench_config(cfg, batch, dtype, gpu), seq))
+        out.append((bench_config(cfg, batch, args.dtype, gpu), seq))
     return out
 
 

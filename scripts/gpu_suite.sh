@@ -4,8 +4,9 @@
 # then JAX alone without remat and at four times the batch, sample.py's decode speed, and JAX
 # against eager PyTorch on modern_160m. Each table goes to OUT_DIR/NAME.txt and its rows to
 # OUT_DIR/NAME.json. Extra arguments go to every `bench.py train` run (after the suite's own, so
-# they win): e.g. `--steps 1 --warmup 0 --batch 1 --seq 64` for a quick look on a CPU.
-# Usage: scripts/gpu_suite.sh OUT_DIR [bench.py train arguments...]
+# they win): e.g. `--steps 1 --warmup 0 --batch 1 --seq 64` for a quick look on a CPU. ONLY, a
+# space-separated list of the NAMEs below, runs just those (the whole set takes over 10 minutes).
+# Usage: [ONLY="NAME ..."] scripts/gpu_suite.sh OUT_DIR [bench.py train arguments...]
 set -uo pipefail
 out=${1:?usage: $0 OUT_DIR [bench.py train arguments...]}
 shift
@@ -17,11 +18,14 @@ status=0
 bench() {  # NAME SECONDS bench.py-arguments...: one benchmark, stopped after SECONDS
   local name=$1 seconds=$2
   shift 2
+  [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
   timeout "$seconds" "$python" bench.py "$@" --json "$out/$name.json" 2>&1 | tee "$out/$name.txt"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { echo "bench.py $1 ($name) exited $rc"; status=$rc; }
 }
 bench train_gpt2_124m 240 train --config configs/gpt2_124m.py --batch 16 --seq 1024 --steps 10 "$@"
+# Where JAX's step time goes on the GPU, per category and per kernel (XLA's command buffers off).
+bench profile_gpt2_124m 150 profile --config configs/gpt2_124m.py --batch 16 --seq 1024 --steps 3
 # GPU memory is plentiful: JAX alone without rematerialization (model.remat's default, dots,
 # recomputes attention in the backward pass), and at four times the batch.
 bench train_gpt2_124m_remat_none 120 train --config configs/gpt2_124m.py model.remat=none --batch 16 --seq 1024 \

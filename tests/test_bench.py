@@ -1,5 +1,6 @@
 """Smoke tests of bench.py: every subcommand runs end to end on a tiny model or shard and prints
 its table, and --json holds its rows. Speed is never asserted, only the tables' structure."""
+import gzip
 import json
 import os
 import subprocess
@@ -158,6 +159,44 @@ def test_ab_refuses_a_bad_compile_option_in_one_line(tmp_path, capsys, canned_ha
         run_bench(["ab", *TINY, "--variant", "base", "--variant", "odd:xla_cpu_enable_fast_math=maybe"],
                   tmp_path, capsys)
     assert str(err.value).startswith("error: --variant odd: ") and "\n" not in str(err.value)
+
+
+GPU_HLO = """%fused_add (a: f32[8,8]) -> f32[8,8] {
+  %a = f32[8,8]{1,0} parameter(0)
+  ROOT %add.0 = f32[8,8]{1,0} add(%a, %a)
+}
+
+ENTRY %main (p: f32[8,8]) -> f32[8,8] {
+  %p = f32[8,8]{1,0} parameter(0)
+  %custom-call.2 = f32[8,8]{1,0} custom-call(%p, %p), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}, metadata={op_name="jit(f)/jvp()/dot_general"}
+  %custom-call.3 = f32[8,8]{1,0} custom-call(%p, %p), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(f)/transpose(jvp())/attention"}
+  ROOT %fusion.1 = f32[8,8]{1,0} fusion(%custom-call.2), kind=kLoop, calls=%fused_add, metadata={op_name="jit(f)/add"}
+}
+"""
+
+
+def test_profile_counts_a_gpu_trace_by_its_stream_kernels(tmp_path):
+    names = profile.categories(GPU_HLO)
+    assert names["custom-call.2"] == ("weight matmuls", "forward")
+    assert names["custom-call.3"] == ("attention matmuls", "backward")
+    meta = lambda pid, tid, kind, name: {"ph": "M", "pid": pid, **({"tid": tid} if tid else {}), "name": kind,
+                                         "args": {"name": name}}
+    kernel = lambda pid, tid, name, dur, op=None: {"ph": "X", "pid": pid, "tid": tid, "name": name, "dur": dur,
+                                                   **({"args": {"hlo_op": op}} if op else {})}
+    events = [meta(1, None, "process_name", "/host:CPU"), meta(2, None, "process_name", "/device:GPU:0 (H200)"),
+              meta(2, 7, "thread_name", "Stream #7(Compute)"), meta(2, 9, "thread_name", "XLA Ops"),
+              kernel(1, 1, "fusion.1", 400),                          # the host's launch: not the kernel
+              kernel(2, 9, "fusion.1", 300),                          # a span derived from the kernel
+              kernel(2, 7, "loop_add_fusion", 300, "fusion.1"), kernel(2, 7, "sm90_xmma_gemm", 500, "custom-call.2"),
+              kernel(2, 7, "cudnn_fmha_bwd", 200, "custom-call.3"), kernel(2, 7, "memset32", 50)]
+    (tmp_path / "run").mkdir()
+    with gzip.open(tmp_path / "run" / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    per_category, per_phase, per_op = profile.op_times(str(tmp_path), names)
+    assert dict(per_category) == pytest.approx({"elementwise": 300e-6, "weight matmuls": 500e-6,
+                                                "attention matmuls": 200e-6, "other": 50e-6})
+    assert dict(per_phase) == pytest.approx({"update": 300e-6, "forward": 500e-6, "backward": 200e-6})
+    assert per_op["memset32"] == pytest.approx(50e-6)
 
 
 def test_avx2_cap_reaches_both_frameworks_and_the_header(monkeypatch):
