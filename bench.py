@@ -63,6 +63,16 @@ def modes(text: str) -> tuple[str, ...]:
     return picked
 
 
+def add_dtype(p) -> None:
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype (default float32 on a CPU, bfloat16 on a GPU)")
+
+
+def add_malloc(p) -> None:
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc at its defaults "
+                   "(see MALLOC_REUSE in benchmarks/common.py)")
+
+
 def add_train(commands, shared) -> None:
     p = commands.add_parser("train", parents=[shared], help="a training step: JAX vs the PyTorch twin")
     p.add_argument("--config", help="a preset file, e.g. configs/design_40m.py")
@@ -74,13 +84,11 @@ def add_train(commands, shared) -> None:
     p.add_argument("--warmup", type=non_negative, default=2, help="untimed steps after the first (default 2)")
     p.add_argument("--repeats", type=positive, default=1, help="workers per mode, interleaved across modes; "
                    "each figure is their median (on a shared machine whose speed drifts)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"),
-                   help="compute dtype (default float32 on a CPU, bfloat16 on a GPU)")
+    add_dtype(p)
     p.add_argument("--modes", type=modes, default=MODES,
                    help="comma-separated: jit (JAX), eager, compile (PyTorch); default all three")
     p.add_argument("--layouts", action="store_true", help="JAX only, under each attention backend (attn_impl)")
-    p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc at its defaults "
-                   "(see MALLOC_REUSE in benchmarks/common.py)")
+    add_malloc(p)
     p.add_argument("--avx2", action="store_true", help="cap both frameworks' kernels at AVX2 (AVX2_ENV in "
                    "benchmarks/common.py): a laptop's picture on an AVX-512 CPU")
 
@@ -111,7 +119,7 @@ def add_others(commands, shared) -> None:
     p.add_argument("--seq", type=positive, default=256)
     p.add_argument("--steps", type=positive, default=5)
     p.add_argument("--warmup", type=non_negative, default=2)
-    p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc at its defaults")
+    add_malloc(p)
     p = commands.add_parser("profile", parents=[shared], help="where a JAX training step's time goes, per op category")
     p.add_argument("--config", help="a preset file (default configs/small_6x384.py)")
     p.add_argument("overrides", nargs="*", help="section.field=value")
@@ -119,9 +127,8 @@ def add_others(commands, shared) -> None:
     p.add_argument("--seq", type=positive, default=256)
     p.add_argument("--steps", type=positive, default=3, help="traced steps")
     p.add_argument("--warmup", type=non_negative, default=2)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"),
-                   help="compute dtype (default float32 on a CPU, bfloat16 on a GPU)")
-    p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc at its defaults")
+    add_dtype(p)
+    add_malloc(p)
     p.add_argument("--avx2", action="store_true", help="cap XLA's kernels at AVX2")
     p = commands.add_parser("ab", parents=[shared], help="JAX steps under several settings, paired in one process")
     p.add_argument("--config", help="a preset file (default configs/small_6x384.py)")
@@ -131,10 +138,9 @@ def add_others(commands, shared) -> None:
     p.add_argument("--batch", type=positive, default=8)
     p.add_argument("--seq", type=positive, default=256)
     p.add_argument("--rounds", type=positive, default=12, help="paired rounds, one step of every variant each")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"),
-                   help="compute dtype (default float32 on a CPU, bfloat16 on a GPU)")
+    add_dtype(p)
     p.add_argument("--warmup", type=non_negative, default=2)
-    p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc at its defaults")
+    add_malloc(p)
 
 
 def parse_args(argv=None):

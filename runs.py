@@ -23,13 +23,16 @@ def abstract_params(cfg: Config, shardings=None) -> dict:
                         abstract, shardings)
 
 
+def _restore(manager, step: int, abstract: dict) -> dict:
+    return checkpoint.restore(manager, step, {"params": abstract}, names=("params",))["params"]
+
+
 def restore_params(cfg: Config, directory: Path, step: int, shardings=None) -> dict:
     """The parameters alone of checkpoint `step` in `directory`, checked against cfg.model's shapes
     and placed by `shardings` if given (else as Orbax lays them out on this process's devices).
     No optimizer is built, so any optimizer may have written them."""
     with checkpoint.checkpoint_manager(directory, None, read_only=True) as manager:
-        abstract = {"params": abstract_params(cfg, shardings)}
-        return checkpoint.restore(manager, step, abstract, names=("params",))["params"]
+        return _restore(manager, step, abstract_params(cfg, shardings))
 
 
 def load_params(cfg: Config, directory: Path, step: int | None = None, shardings=None,
@@ -37,20 +40,20 @@ def load_params(cfg: Config, directory: Path, step: int | None = None, shardings
     """(step, parameters) of checkpoint `step`, or by default of the newest step whose parameters
     read back whole, for sampling and evaluation: newer damaged steps are reported through `say`,
     one line each, and left where they are (the run may still be training)."""
-    if step is not None:
-        return step, restore_params(cfg, directory, step, shardings)
+    abstract = abstract_params(cfg, shardings)
     with checkpoint.checkpoint_manager(directory, None, read_only=True) as manager:
-        steps = sorted(manager.all_steps(), reverse=True)
-    damaged = []
-    for candidate in steps:
-        try:
-            params = restore_params(cfg, directory, candidate, shardings)
-        except checkpoint.Damaged as err:
-            damaged.append(err)
-            continue
-        for err in damaged:
-            say(f"warning: {err}; using step {candidate}")
-        return candidate, params
+        if step is not None:
+            return step, _restore(manager, step, abstract)
+        damaged = []
+        for candidate in sorted(manager.all_steps(), reverse=True):
+            try:
+                params = _restore(manager, candidate, abstract)
+            except checkpoint.Damaged as err:
+                damaged.append(err)
+                continue
+            for err in damaged:
+                say(f"warning: {err}; using step {candidate}")
+            return candidate, params
     raise checkpoint.CheckpointError(f"no checkpoint in {directory} has readable parameters"
                                      + "".join(f"; step {err.step}: {err.why}" for err in damaged))
 
