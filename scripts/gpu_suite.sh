@@ -11,6 +11,10 @@ set -uo pipefail
 out=${1:?usage: $0 OUT_DIR [bench.py train arguments...]}
 shift
 cd "$(dirname "$0")/.."
+names="train_gpt2_124m profile_gpt2_124m train_gpt2_124m_remat_none train_gpt2_124m_b64 decode_gpt2_124m train_modern_160m"
+for name in ${ONLY:-}; do
+  [[ " $names " == *" $name "* ]] || { echo "error: ONLY names $name; choose from: $names" >&2; exit 2; }
+done
 python=${PYTHON:-python3}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$out/gpu.txt"

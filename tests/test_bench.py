@@ -3,6 +3,7 @@ its table, and --json holds its rows. Speed is never asserted, only the tables' 
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from unittest import mock
@@ -197,6 +198,16 @@ def test_profile_counts_a_gpu_trace_by_its_stream_kernels(tmp_path):
                                                 "attention matmuls": 200e-6, "other": 50e-6})
     assert dict(per_phase) == pytest.approx({"update": 300e-6, "forward": 500e-6, "backward": 200e-6})
     assert per_op["memset32"] == pytest.approx(50e-6)
+
+
+def test_gpu_suite_refuses_an_unknown_only_name_in_one_line(tmp_path):
+    script = REPO / "scripts" / "gpu_suite.sh"
+    listed = re.search(r'^names="([^"]*)"', script.read_text(), re.M).group(1).split()
+    assert listed == re.findall(r"^bench (\S+) ", script.read_text(), re.M)   # every row, in order
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "out")], env={**os.environ, "ONLY": "train_gpt2"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "out").exists()
+    assert proc.stderr == f"error: ONLY names train_gpt2; choose from: {' '.join(listed)}\n"
 
 
 def test_avx2_cap_reaches_both_frameworks_and_the_header(monkeypatch):
