@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import cli
+import cross_entropy
 import layers
 import moe
 import parameters
@@ -287,17 +288,9 @@ def _run_layers(params, x_ND, cfg: ModelConfig, batch: int, positions, mask_BTS,
     return x_ND, new_kv, {"losses": losses, **_stack_stats(stats)}
 
 
-def forward(params, tokens_BT, cfg: ModelConfig, cache=None):
-    """tokens [B, T] -> (float32 logits [B, T, vocab_size], aux), the same pair for training,
-    prefill and decoding.
-
-    `aux` is a dict of the pass's side outputs: with a cache (init_cache), the tokens continue the
-    cached sequence, their keys and values are written at cache["index"], and aux["cache"] is the
-    updated cache; aux["losses"] holds auxiliary loss terms (name -> scalar, weighted, summed over
-    layers) that loss_fn adds, e.g. a MoE's "moe_aux" and "moe_z"; a top-k MoE adds aux["moe"],
-    moe.apply's statistics stacked over the MoE layers in layer order: "load" [L_moe, n_experts]
-    (each expert's share of the assignments) and "dropped" [L_moe] (the share capacity dropped).
-    """
+def hidden_states(params, tokens_BT, cfg: ModelConfig, cache=None):
+    """tokens [B, T] -> (the final hidden states [B, T, D], after the final norm, aux): forward
+    up to the unembedding."""
     b, t = tokens_BT.shape
     if cache is not None and cfg.n_experts and cfg.router == "soft":
         raise ConfigError("model.router='soft' mixes tokens across the whole sequence, so it cannot decode "
@@ -314,14 +307,31 @@ def forward(params, tokens_BT, cfg: ModelConfig, cache=None):
         x_ND, kvs, aux = _run_layers(params, x_ND, cfg, b, positions, mask_BTS, cache)
     if cfg.norm_position == "pre":
         x_ND = layers.norm(params.get("final_norm", {}), x_ND, cfg)
-    if "unembed" in params:
-        logits_ND = layers.unembed(params["unembed"], x_ND, cfg)
-    else:
-        logits_ND = layers.unembed(params["embed"], x_ND, cfg, transposed=True)
-    logits_BTV = logits_ND.reshape(b, t, -1)
     if cache is not None:
         aux["cache"] = {**cache, "k": kvs[0], "v": kvs[1], "index": cache["index"] + t}
-    return logits_BTV, aux
+    return x_ND.reshape(b, t, -1), aux
+
+
+def unembedding(params) -> tuple:
+    """(the unembedding weight, whether it is the tied table [V, D] rather than [D, V])."""
+    return (params["unembed"], False) if "unembed" in params else (params["embed"], True)
+
+
+def forward(params, tokens_BT, cfg: ModelConfig, cache=None):
+    """tokens [B, T] -> (float32 logits [B, T, vocab_size], aux), the same pair for training,
+    prefill and decoding.
+
+    `aux` is a dict of the pass's side outputs: with a cache (init_cache), the tokens continue the
+    cached sequence, their keys and values are written at cache["index"], and aux["cache"] is the
+    updated cache; aux["losses"] holds auxiliary loss terms (name -> scalar, weighted, summed over
+    layers) that loss_fn adds, e.g. a MoE's "moe_aux" and "moe_z"; a top-k MoE adds aux["moe"],
+    moe.apply's statistics stacked over the MoE layers in layer order: "load" [L_moe, n_experts]
+    (each expert's share of the assignments) and "dropped" [L_moe] (the share capacity dropped).
+    """
+    x_BTD, aux = hidden_states(params, tokens_BT, cfg, cache)
+    b, t, d = x_BTD.shape
+    w, transposed = unembedding(params)
+    return layers.unembed(w, x_BTD.reshape(b * t, d), cfg, transposed).reshape(b, t, -1), aux
 
 
 def loss_fn(params, batch, cfg: ModelConfig):
@@ -331,20 +341,20 @@ def loss_fn(params, batch, cfg: ModelConfig):
 
     An optional batch["mask"] [B, T] weights the tokens (0 drops one, e.g. the padding rows of a
     last validation batch); metrics["tokens"] is the weight summed, for exact means over batches.
+    The cross-entropy is cross_entropy.sums, in model.loss_chunks blocks.
     """
-    logits_BTV, aux = forward(params, batch["inputs"], cfg)
-    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+    x_BTD, aux = hidden_states(params, batch["inputs"], cfg)
     mask_BT = batch.get("mask")
-    weights_BT = jnp.ones_like(lse_BT) if mask_BT is None else mask_BT.astype(jnp.float32)
+    weights_BT = jnp.ones(x_BTD.shape[:2], jnp.float32) if mask_BT is None else mask_BT.astype(jnp.float32)
     tokens = jnp.sum(weights_BT)
-    mean = lambda x_BT: jnp.sum(weights_BT * x_BT) / jnp.maximum(tokens, 1.0)
-    ce, z = mean(lse_BT - target_BT), mean(jnp.square(lse_BT))
-    loss = ce + cfg.z_loss * z if cfg.z_loss else ce
+    w, transposed = unembedding(params)
+    objective, ce, z = cross_entropy.sums(w, x_BTD, batch["targets"], weights_BT, cfg, transposed)
+    per_token = 1.0 / jnp.maximum(tokens, 1.0)
+    loss = objective * per_token
     for term in aux["losses"].values():   # already weighted by their coefficients
         loss = loss + term
     stats = moe.metrics(aux["moe"]) if "moe" in aux else {}
-    return loss, {"ce": ce, "z": z, "tokens": tokens, **aux["losses"], **stats}
+    return loss, {"ce": ce * per_token, "z": z * per_token, "tokens": tokens, **aux["losses"], **stats}
 
 
 # --- Summary -------------------------------------------------------------------------------------

@@ -160,6 +160,7 @@ class ModelConfig(_Validated):
     tie_embeddings: bool = True
     logit_softcap: float | None = None     # cap * tanh(logits / cap)
     z_loss: float = 0.0                    # coefficient of mean(logsumexp^2)
+    loss_chunks: int = 0                   # the loss in k sequence blocks, never all logits; 0: auto (cross_entropy.py)
     # Init.
     init: str = "normal"             # normal | xavier | fan_in, for hidden matrices
     init_std: float = 0.02
@@ -217,6 +218,8 @@ class ModelConfig(_Validated):
             _fail(f"{s}.yarn_beta_fast={self.yarn_beta_fast} must exceed yarn_beta_slow={self.yarn_beta_slow}")
         if self.z_loss < 0:
             _fail(f"{s}.z_loss={self.z_loss} must be >= 0")
+        if self.loss_chunks < 0:
+            _fail(f"{s}.loss_chunks={self.loss_chunks} must be >= 0 (0: blocks from the batch's shape, 1: one block)")
         self.validate_moe()
 
     def validate_moe(self) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU rows of notes/benchmarks.md, on one GPU, in bf16 with cuDNN attention where its shape
 # rules allow: JAX's training step on gpt2_124m against the PyTorch twin (eager and torch.compile),
-# then JAX alone without remat and at four times the batch, sample.py's decode speed, and JAX
+# then paired A/B of the loss blocks and remat, JAX alone without remat and at four times the batch, sample.py's decode speed, and JAX
 # against eager PyTorch on modern_160m. Each table goes to OUT_DIR/NAME.txt and its rows to
 # OUT_DIR/NAME.json. Extra arguments go to every `bench.py train` run (after the suite's own, so
 # they win): e.g. `--steps 1 --warmup 0 --batch 1 --seq 64` for a quick look on a CPU. ONLY, a
@@ -11,7 +11,7 @@ set -uo pipefail
 out=${1:?usage: $0 OUT_DIR [bench.py train arguments...]}
 shift
 cd "$(dirname "$0")/.."
-names="train_gpt2_124m profile_gpt2_124m train_gpt2_124m_remat_none train_gpt2_124m_b64 decode_gpt2_124m train_modern_160m"
+names="train_gpt2_124m profile_gpt2_124m ab_gpt2_124m train_gpt2_124m_remat_none train_gpt2_124m_b64 decode_gpt2_124m train_modern_160m"
 for name in ${ONLY:-}; do
   [[ " $names " == *" $name "* ]] || { echo "error: ONLY names $name; choose from: $names" >&2; exit 2; }
 done
@@ -30,6 +30,10 @@ bench() {  # NAME SECONDS bench.py-arguments...: one benchmark, stopped after SE
 bench train_gpt2_124m 240 train --config configs/gpt2_124m.py --batch 16 --seq 1024 --steps 10 "$@"
 # Where JAX's step time goes on the GPU, per category and per kernel (XLA's command buffers off).
 bench profile_gpt2_124m 150 profile --config configs/gpt2_124m.py --batch 16 --seq 1024 --steps 3
+# Paired in one process: the loss in blocks (model.loss_chunks=0 picks 16 at 16 x 1024) against
+# the whole [16,384 x 50,304] float32 logits, and remat none against dots.
+bench ab_gpt2_124m 240 ab --config configs/gpt2_124m.py --batch 16 --seq 1024 --rounds 10 --variant blocks \
+  --variant whole:model.loss_chunks=1 --variant remat_none:model.remat=none
 # GPU memory is plentiful: JAX alone without rematerialization (model.remat's default, dots,
 # recomputes attention in the backward pass), and at four times the batch.
 bench train_gpt2_124m_remat_none 120 train --config configs/gpt2_124m.py model.remat=none --batch 16 --seq 1024 \

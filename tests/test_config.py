@@ -74,6 +74,7 @@ def test_a_run_saved_when_remat_was_a_boolean_keeps_its_meaning(saved, remat):
     (["model.param_dtype=int32"], "model.param_dtype='int32' is not valid"),
     (["model.mlp=swish"], "model.mlp='swish' is not valid; choose one of 'swiglu'"),
     (["model.n_layers=0"], "model.n_layers=0 must be positive"),
+    (["model.loss_chunks=-1"], "model.loss_chunks=-1 must be >= 0 (0: blocks from the batch's shape, 1: one block)"),
     (["model.norm_bias=true"], "model.norm_bias=True needs model.norm='layernorm'"),
     (["model.yarn_factor=4", "model.pos=learned"], "model.yarn_factor=4.0 needs model.pos='rope'"),
     (["model.head_dim=7"], "model.head_dim=7 must be even for RoPE"),

@@ -1,6 +1,6 @@
 """The dependency order, read from the source with `ast`: every project import points down.
 
-    cli, configs -> tokenizer -> layers, data -> moe -> model -> sharding
+    cli, configs -> tokenizer -> layers, data -> moe, cross_entropy -> model -> sharding
         -> checkpoint, optimizer -> runs -> train, sample, evaluate -> tools (bench, benchmarks/, corpus)
 
 A module imports only modules of a lower rank, so there is no cycle, no library module imports a
@@ -18,6 +18,7 @@ RANKS = {
     "tokenizer": 0.5,   # imported by data, tasks, hf_files and the entry points
     "layers": 1, "data": 1, "sampling": 1,
     "moe": 1.5,     # imports layers; imported by model and the twin
+    "cross_entropy": 1.5,  # imports layers; imported by model
     "parameters": 1.75,   # ParamSpec and the sublayers' specs: imported by model
     "model": 2, "torch/model": 2,
     "quantize": 2.5,   # int8 weights: imported by sample and the decode benchmark

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cross_entropy
 import model
 import parameters
 import np_reference as ref
@@ -225,6 +226,45 @@ def test_loss_mask_drops_tokens_exactly():
     assert float(loss) == pytest.approx(float(row0), rel=1e-5)
     assert float(metrics["tokens"]) == T
 
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(tie_embeddings=False, logit_softcap=5.0, z_loss=1e-3),
+                                  dict(compute_dtype="bfloat16")], ids=["tied", "untied-softcap-z", "bf16"])
+@pytest.mark.parametrize("chunks", [2, 5])
+def test_loss_in_sequence_blocks_matches_the_whole_loss(opts, chunks):
+    """loss_chunks: the same loss, metrics and gradients, with the gradient taken in the forward
+    pass; 5 blocks do not divide T = 12, so the last is padded (and a masked row is in the batch)."""
+    cfg = tiny(loss_chunks=1, **opts)
+    params = params_for(cfg)
+    batch = {"inputs": tokens(cfg), "targets": tokens(cfg, 1), "mask": jnp.ones((B, T)).at[1, 5:].set(0.0)}
+    step = lambda c: jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch, c), has_aux=True))(params)
+    (loss, metrics), grads = step(cfg)
+    (loss_k, metrics_k), grads_k = step(dataclasses.replace(cfg, loss_chunks=chunks))
+    rel = 1e-2 if cfg.compute_dtype == "bfloat16" else 1e-5   # bf16: the hidden states' gradient is rounded
+    assert float(loss_k) == pytest.approx(float(loss), rel=1e-6)
+    for name in ("ce", "z", "tokens"):
+        assert float(metrics_k[name]) == pytest.approx(float(metrics[name]), rel=1e-6)
+    jax.tree.map(lambda a, b: assert_close(a, b, rel=rel), grads_k, grads)
+    no_grad, _ = jax.jit(lambda p: model.loss_fn(p, batch, dataclasses.replace(cfg, loss_chunks=chunks)))(params)
+    assert float(no_grad) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_loss_in_sequence_blocks_never_holds_all_the_logits():
+    # Logits [2 x 64, 4096] in float32 are 2 MiB, and so is their gradient; in 8 blocks, 1/8 of each.
+    cfg = tiny(vocab_size=4096, seq_len=64, loss_chunks=1)
+    params, batch = params_for(cfg), {"inputs": tokens(cfg, shape=(2, 64)), "targets": tokens(cfg, 1, shape=(2, 64))}
+    temps = lambda c: jax.jit(jax.grad(lambda p: model.loss_fn(p, batch, c)[0])).lower(params).compile() \
+        .memory_analysis().temp_size_in_bytes
+    whole, blocks = temps(cfg), temps(dataclasses.replace(cfg, loss_chunks=8))
+    assert whole - blocks >= 2 * 2**20, (whole, blocks)
+
+
+def test_automatic_loss_blocks_hold_about_d_model_tokens():
+    assert cross_entropy.auto_blocks(2, 256, 768) == 1       # 512 tokens < 2 d_model: the logits whole
+    assert cross_entropy.auto_blocks(8, 256, 768) == 2       # 2,048 tokens: 2.7 -> the nearest divisor of 256
+    assert cross_entropy.auto_blocks(4, 256, 320) == 4
+    assert cross_entropy.auto_blocks(16, 1024, 768) == 16    # 21.3 -> 16, not 32
+    assert cross_entropy.auto_blocks(4, 96, 64) == 6         # divisors of 96 only
 
 # --- KV cache ------------------------------------------------------------------------------------
 

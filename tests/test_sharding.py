@@ -64,6 +64,12 @@ def test_one_device_and_four_give_the_same_losses(corpus, four_device_fsdp, tmp_
     assert_same_losses(one, losses(four_device_fsdp[0]), range(1, 7))
 
 
+
+def test_the_loss_in_sequence_blocks_trains_like_the_whole_loss_under_fsdp(corpus, four_device_fsdp, tmp_path):
+    # The fixture's loss runs in cross_entropy.auto_blocks(8, 32, 32) = 8 blocks of the batch-sharded states.
+    train(corpus, tmp_path / "whole", *FSDP4, "model.loss_chunks=1", devices=4)
+    assert_same_losses(losses(tmp_path / "whole"), losses(four_device_fsdp[0]), range(1, 7))
+
 def test_two_processes_match_one_and_checkpoints_cross_layouts(corpus, four_device_fsdp, tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     launch_local(corpus, whole, 2, 2, *FSDP4)
