@@ -165,10 +165,13 @@ def initial_state(cfg: Config, tx, manager, init_from: str | None, shardings: di
     if init_from:
         source = Path(init_from)
         source = source / "checkpoints" if (source / "checkpoints").is_dir() else source
-        with checkpoint.checkpoint_manager(source, keep=1) as other:
-            latest = other.latest_step()
+        latest = None
+        if source.is_dir():   # read-only: another run's checkpoints are never written, nor created
+            with checkpoint.checkpoint_manager(source, None, read_only=True) as other:
+                latest = other.latest_step()
         if latest is None:
-            raise ConfigError(f"--init-from {init_from}: no checkpoint found in {source}")
+            raise ConfigError(f"--init-from {init_from}: no checkpoint found in {source}; give a train.py run "
+                              "directory or its checkpoints/ folder")
         source_step, params = runs.load_params(cfg, source, shardings=shardings["params"])
         say(f"initialized parameters from {source} step {source_step}")
         opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)

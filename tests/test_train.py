@@ -304,6 +304,7 @@ def test_bad_command_lines(corpus, tmp_path):
     assert "error: --stop-after=0 must be a positive number of steps" in proc.stderr
     proc = run_train(corpus, tmp_path / "r", extra=["--init-from", str(tmp_path / "none")], check=False)
     assert proc.returncode == 1 and "--init-from" in proc.stderr and "no checkpoint found" in proc.stderr
+    assert not (tmp_path / "none").exists()   # nothing is created where the flag points
     proc = run_train(corpus, tmp_path / "r", extra=["--stop-after", "x"], check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         "error: argument --stop-after: invalid int value: 'x'"]
