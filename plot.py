@@ -38,7 +38,7 @@ def read_records(run_dir) -> list[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def _x_values(records: list[dict], x: str, run_dir) -> list[float]:
+def _x_values(records: list[dict], x: str, flops_per_token: float | None) -> list[float]:
     if x in ("step", "tokens"):
         return [record[x] for record in records]
     if x == "time":   # step_time is the mean over the steps since the previous record
@@ -48,9 +48,7 @@ def _x_values(records: list[dict], x: str, run_dir) -> list[float]:
             previous = record["step"]
             out.append(total)
         return out
-    cfg = run_config(run_dir, flag="").model
-    per_token = model.flops_per_token(cfg, cfg.seq_len)
-    return [record["tokens"] * per_token for record in records]
+    return [record["tokens"] * flops_per_token for record in records]
 
 
 def curves(run_dir, metric: str = "loss", x: str = "step") -> dict[str, tuple[list, list]]:
@@ -63,11 +61,15 @@ def curves(run_dir, metric: str = "loss", x: str = "step") -> dict[str, tuple[li
     known = sorted({key for record in records for key in record})
     if metric not in known:
         raise ConfigError(f"--metric {metric!r}: {run_dir} logs none; choose one of {', '.join(known)}")
+    per_token = None
+    if x == "flops":
+        cfg = run_config(run_dir, flag="").model
+        per_token = model.flops_per_token(cfg, cfg.seq_len)
     out = {}
     for name in names:
         kept = [record for record in records if name in record]
         if kept:
-            out[name] = (_x_values(kept, x, run_dir), [record[name] for record in kept])
+            out[name] = (_x_values(kept, x, per_token), [record[name] for record in kept])
     return out
 
 

@@ -44,8 +44,11 @@ def load_params(cfg: Config, directory: Path, step: int | None = None, shardings
     with checkpoint.checkpoint_manager(directory, None, read_only=True) as manager:
         if step is not None:
             return step, _restore(manager, step, abstract)
+        steps = sorted(manager.all_steps(), reverse=True)
+        if not steps:
+            raise checkpoint.CheckpointError(f"no checkpoint found in {directory}")
         damaged = []
-        for candidate in sorted(manager.all_steps(), reverse=True):
+        for candidate in steps:
             try:
                 params = _restore(manager, candidate, abstract)
             except checkpoint.Damaged as err:

@@ -161,22 +161,21 @@ def initial_state(cfg: Config, tx, manager, init_from: str | None, shardings: di
         step, got = resumed
         say(f"resuming from step {step} ({manager.directory})")
         return {"params": got["params"], "opt_state": got["opt_state"], **got["meta"]}
-    state = jax.jit(init_state, static_argnums=(0, 1), out_shardings=shardings)(cfg, tx)
-    if init_from:
-        source = Path(init_from)
-        source = source / "checkpoints" if (source / "checkpoints").is_dir() else source
-        latest = None
-        if source.is_dir():   # read-only: another run's checkpoints are never written, nor created
-            with checkpoint.checkpoint_manager(source, None, read_only=True) as other:
-                latest = other.latest_step()
-        if latest is None:
-            raise ConfigError(f"--init-from {init_from}: no checkpoint found in {source}; give a train.py run "
-                              "directory or its checkpoints/ folder")
+    if not init_from:
+        return jax.jit(init_state, static_argnums=(0, 1), out_shardings=shardings)(cfg, tx)
+    source = Path(init_from)
+    source = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+    fix = "give a train.py run directory or its checkpoints/ folder"
+    if not source.is_dir():   # checked here: nothing may be created where the flag points
+        raise ConfigError(f"--init-from {init_from}: no checkpoint found in {source}; {fix}")
+    try:
         source_step, params = runs.load_params(cfg, source, shardings=shardings["params"])
-        say(f"initialized parameters from {source} step {source_step}")
-        opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-        state = {**state, "params": params, "opt_state": opt_state}
-    return state
+    except checkpoint.CheckpointError as err:
+        raise ConfigError(f"--init-from {init_from}: {err}; {fix}") from None
+    say(f"initialized parameters from {source} step {source_step}")
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings["step"])()
+    return {"params": params, "opt_state": opt_state, "step": step}
 
 
 # --- Evaluation ----------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def run(args) -> list[dict]:
     print(common.header("ab", hw, f"{cfg.name}: batch {args.batch} x seq {args.seq}, {cfg.model.compute_dtype}, "
                         f"malloc {common.malloc_label()}; {args.rounds} paired rounds after {args.warmup + 1} steps "
                         f"each; MFU over {hw['peak'] / 1e9:,.0f} GFLOP/s"))
-    batch = common.make_batch(args.batch, args.seq, specs[0][1].model.vocab_size)
+    batch = common.make_batch(args.batch, args.seq, cfg.model.vocab_size)
     results = common.in_worker(ab_worker, specs, batch, args.rounds, args.warmup)
     if isinstance(results, dict):
         if results["error"].startswith("ConfigError: "):

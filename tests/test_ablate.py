@@ -92,6 +92,16 @@ def test_resumed_logs_keep_the_last_record_of_each_step(tiny_run, tmp_path):
     assert last["step"] == again["step"] and last["loss"] == 123.0
 
 
+def test_plot_x_in_flops_is_tokens_times_the_models_flops_per_token(tiny_run):
+    import model
+    from configs.load import run_config
+    cfg = run_config(tiny_run, flag="").model
+    series = plot.curves(tiny_run, "loss", x="flops")
+    for name in ("loss", "val_loss"):
+        kept = [record for record in records(tiny_run) if name in record]
+        by_step = {record["step"]: record["tokens"] for record in kept}
+        assert series[name][0] == [by_step[step] * model.flops_per_token(cfg, cfg.seq_len) for step in sorted(by_step)]
+
 def test_plot_writes_a_png_with_a_legend_from_config_differences(tiny_run, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny_run, other)

@@ -305,6 +305,12 @@ def test_bad_command_lines(corpus, tmp_path):
     proc = run_train(corpus, tmp_path / "r", extra=["--init-from", str(tmp_path / "none")], check=False)
     assert proc.returncode == 1 and "--init-from" in proc.stderr and "no checkpoint found" in proc.stderr
     assert not (tmp_path / "none").exists()   # nothing is created where the flag points
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_train(corpus, tmp_path / "r", extra=["--init-from", str(empty)], check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: --init-from {empty}: no checkpoint found in {empty}; "
+        "give a train.py run directory or its checkpoints/ folder")
     proc = run_train(corpus, tmp_path / "r", extra=["--stop-after", "x"], check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         "error: argument --stop-after: invalid int value: 'x'"]
