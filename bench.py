@@ -2,19 +2,23 @@
 
     python bench.py train (--suite | --config configs/NAME.py) [section.field=value ...]
         [--batch 4 --seq 256] [--steps N] [--warmup 2] [--dtype float32|bfloat16]
-        [--modes jit,eager,compile] [--repeats 1] [--layouts] [--default-malloc] [--avx2]   # JAX vs the twin
+        [--modes jit,eager,compile] [--repeats 1] [--layouts] [--avx2]   # JAX vs the twin
     python bench.py loader [--steps 500] [--cold-steps 50] [--repeats 3] [--batch 64] [--seq 1024]
         [--shard-tokens 100000000]                                   # data.py's loader vs raw memmap
     python bench.py decode [--config configs/NAME.py [section.field=value ...]] [--batches 1,16]
         [--prompt 128] [--new 128] [--repeats 3] [--quantize int8]   # sample.py vs the bandwidth bound
     python bench.py decode --target runs/BIG --draft runs/SMALL [--lookahead 2,4,8]   # speculative
     python bench.py mesh [--config configs/NAME.py] [section.field=value ...] [--batch 8] [--seq 256]
-        [--steps 5] [--warmup 2] [--default-malloc]                  # dp vs fsdp, simulated devices
+        [--steps 5] [--warmup 2]                                     # dp vs fsdp, simulated devices
     python bench.py profile [--config configs/NAME.py] [section.field=value ...] [--batch 8] [--seq 256]
-        [--steps 3] [--warmup 2] [--dtype D] [--default-malloc] [--avx2]   # a JAX step's time per op category
+        [--steps 3] [--warmup 2] [--dtype D] [--avx2]                # a JAX step's time per op category
     python bench.py ab [--config configs/NAME.py] [section.field=value ...] --variant base
         --variant NAME:section.field=value,xla_cpu_...=value [--rounds 12] [--batch 8] [--seq 256]
-        [--warmup 2] [--dtype float32|bfloat16] [--default-malloc]   # settings paired in one process
+        [--warmup 2] [--dtype float32|bfloat16]                      # settings paired in one process
+
+train, mesh, profile and ab take --malloc hugepages|default|tuned: the glibc malloc settings their
+worker processes start with (MALLOCS in benchmarks/common.py). The default, hugepages, is how
+scripts/quickstart.sh runs train.py.
 
 Every subcommand takes --json FILE (its rows, as measured) and ends by saying how busy other
 processes kept the machine: on a shared machine, rerun when that is ~0. Speed is measured here,
@@ -25,7 +29,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 from pathlib import Path
 
 import quantize
@@ -69,8 +72,8 @@ def add_dtype(p) -> None:
 
 
 def add_malloc(p) -> None:
-    p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc at its defaults "
-                   "(see MALLOC_REUSE in benchmarks/common.py)")
+    p.add_argument("--malloc", choices=tuple(common.MALLOCS), default="hugepages", help="the glibc "
+                   "malloc settings the workers start with (MALLOCS in benchmarks/common.py)")
 
 
 def add_train(commands, shared) -> None:
@@ -177,8 +180,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if not getattr(args, "default_malloc", True):  # the commands that spawn workers have the flag
-        os.environ["GLIBC_TUNABLES"] = common.MALLOC_REUSE  # read by each spawned worker at startup
+    if hasattr(args, "malloc"):  # the commands that spawn workers: before any worker starts
+        common.use_malloc(args.malloc)
     if getattr(args, "avx2", False):
         common.cap_at_avx2()
     mark = common.load_mark()

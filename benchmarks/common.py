@@ -24,10 +24,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-# XLA:CPU allocates each step's temporaries afresh and glibc hands large blocks back to the OS, so
-# every step page-faults them in again (notes/benchmarks.md, "Malloc"). One arena that never uses
-# mmap or trims keeps them mapped. Spawned workers read it at startup (use_malloc).
+# XLA:CPU allocates each step's temporaries afresh and glibc maps blocks of more than 32 MiB straight
+# from the kernel, so every step page-faults them in again, 4 KiB at a time (notes/benchmarks.md,
+# "Page faults"). The glibc settings a benchmark's workers start with (GLIBC_TUNABLES, read at
+# process start; use_malloc): "hugepages" asks the kernel for 2 MiB transparent huge pages (glibc
+# 2.35 on, where the THP mode is madvise or always): one fault per 2 MiB, at the same peak memory;
+# "tuned" keeps freed memory mapped in one arena that never trims: no faults, a higher peak.
 MALLOC_REUSE = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
+MALLOCS = {"hugepages": "glibc.malloc.hugetlb=1", "default": None, "tuned": MALLOC_REUSE}
 # The instruction-set extensions that decide matmul speed (x86 flags, then Arm features).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "asimd", "sve", "sve2")
 PEAK_REPS = 10   # timed matmuls behind each framework's peak
@@ -87,21 +91,21 @@ def peak_rss() -> int:
 # --- Workers and the machine's load --------------------------------------------------------------
 
 
-def use_malloc(tuned: bool) -> str:
-    """glibc malloc for the workers spawned from now on, which read GLIBC_TUNABLES at startup:
-    MALLOC_REUSE, or glibc's defaults. Returns malloc_label()."""
-    if tuned:
-        os.environ["GLIBC_TUNABLES"] = MALLOC_REUSE
+def use_malloc(name: str) -> str:
+    """The glibc malloc setting MALLOCS[name] for the workers spawned from now on, which read
+    GLIBC_TUNABLES at startup. Returns malloc_label()."""
+    if MALLOCS[name]:
+        os.environ["GLIBC_TUNABLES"] = MALLOCS[name]
     else:
         os.environ.pop("GLIBC_TUNABLES", None)
     return malloc_label()
 
 
 def malloc_label() -> str:
-    """The malloc setting in this process's environment, as workers spawned now start with it:
-    tuned (MALLOC_REUSE), default, or the tunables given."""
+    """The malloc setting in this process's environment, as workers spawned now start with it: its
+    name in MALLOCS, or the tunables given."""
     tunables = os.environ.get("GLIBC_TUNABLES")
-    return "default" if not tunables else "tuned" if tunables == MALLOC_REUSE else f"GLIBC_TUNABLES={tunables}"
+    return next((name for name, value in MALLOCS.items() if value == tunables), f"GLIBC_TUNABLES={tunables}")
 
 
 def cap_at_avx2() -> None:
@@ -142,8 +146,19 @@ def contention(mark: tuple[float, float, float]) -> str:
 # --- Hardware ------------------------------------------------------------------------------------
 
 
+def thp_mode() -> str:
+    """The kernel's transparent huge page mode (always, madvise or never; "none" without THP), which
+    decides what --malloc hugepages can do, and whether the default malloc gets huge pages too."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "none"
+    return text[text.find("[") + 1:text.find("]")] if "[" in text else text.strip()
+
+
 def cpu_info() -> dict:
-    """The CPU's model name, its matmul-relevant instruction sets and core count, from /proc/cpuinfo."""
+    """The CPU's model name, its matmul-relevant instruction sets and core count, from /proc/cpuinfo;
+    the kernel's huge page mode."""
     fields = {}
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -151,7 +166,7 @@ def cpu_info() -> dict:
             fields.setdefault(key.strip(), value.strip())  # the first processor's
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
     return {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
-            "isa": [flag for flag in ISA_FLAGS if flag in flags], "cores": os.cpu_count()}
+            "isa": [flag for flag in ISA_FLAGS if flag in flags], "cores": os.cpu_count(), "thp": thp_mode()}
 
 
 def matmul_peak(framework: str, gpu: bool, reps: int = PEAK_REPS) -> float:
@@ -206,7 +221,8 @@ def header(command: str, hw: dict, extra: str = "") -> str:
     """The lines that open every table: command, date, the hardware, and what else was fixed."""
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = [f"bench.py {command} · {now:%Y-%m-%d %H:%M} UTC · {hw['cpu']}, {hw['cores']} cores "
-             f"({' '.join(hw['isa']) or 'no vector extensions listed'}) · python {hw['python']}"]
+             f"({' '.join(hw['isa']) or 'no vector extensions listed'}; huge pages {hw['thp']}) · "
+             f"python {hw['python']}"]
     settings = [f"{k}={os.environ[k]}" for k in ("XLA_FLAGS", *AVX2_ENV) if os.environ.get(k)]
     if settings:
         lines.append("environment: " + " ".join(settings))

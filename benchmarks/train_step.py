@@ -12,13 +12,14 @@ its own. On a CPU, peak memory is the worker's resident-set high-water mark (VmH
 steps after the first, less its resident set once the framework was imported and started but
 before the model was built; before those steps, memory freed by compilation is handed back to
 the OS (common.reset_peak_rss). On a GPU it is the allocator's peak since the worker began. Both
-frameworks are measured the same way, under the malloc setting each row records (--default-malloc
-or common.MALLOC_REUSE). Compile time is the first step less a steady one, with no compilation
+frameworks are measured the same way, under the malloc setting each row records (--malloc,
+common.MALLOCS). Compile time is the first step less a steady one, with no compilation
 cache in either framework.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import warnings
 
@@ -231,22 +232,23 @@ def layouts_table(rows: list[dict]) -> str:
 # --- The subcommand ------------------------------------------------------------------------------
 
 
-def memory_note(gpu: bool, malloc: str) -> str:
-    """The header's line on what "peak mem" is and the malloc the workers ran with."""
-    tunables = f" (GLIBC_TUNABLES={common.MALLOC_REUSE})" if malloc == "tuned" else ""
+def memory_note(gpu: bool) -> str:
+    """The header's line on what "peak mem" is and the malloc the workers run with."""
+    malloc, tunables = common.malloc_label(), os.environ.get("GLIBC_TUNABLES")
+    if tunables and not malloc.startswith("GLIBC_TUNABLES"):
+        malloc += f" (GLIBC_TUNABLES={tunables})"
     peak = ("the device allocator's peak since the worker began" if gpu else "the worker's resident-set "
             "high-water mark after its first step, above its size with the framework started")
-    return f"malloc {malloc}{tunables}; peak mem: {peak} (benchmarks/train_step.py)"
+    return f"malloc {malloc}; peak mem: {peak} (benchmarks/train_step.py)"
 
 
 def run(args) -> list[dict]:
     """`bench.py train`: the --config model or the suite, each mode; with --layouts, JAX alone
     under each attention backend."""
     cases(args, gpu=False)  # config errors fail before minutes are spent on workers
-    malloc = common.use_malloc(tuned=not args.default_malloc)   # before any worker is spawned
     hw = common.hardware(("jax", "torch") if not args.layouts else ("jax",))
     print(common.header("train", hw, f"MFU is over the highest matmul peak, {hw['peak'] / 1e9:,.0f} GFLOP/s\n"
-                        + memory_note(hw["gpu"], malloc)))
+                        + memory_note(hw["gpu"])))
     rows = []
     for cfg, seq in cases(args, hw["gpu"]):
         if args.layouts:

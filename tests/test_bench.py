@@ -16,8 +16,8 @@ from configs.load import load_config, preset_path
 from conftest import REPO
 
 TINY = ["--config", "configs/quickstart.py", "model.n_layers=1", "model.d_model=32", "model.n_heads=2"]
-CANNED = {"cpu": "a test CPU", "isa": ["avx2"], "cores": 2, "python": "3.11", "gpu": False, "peak": 1e11,
-          "frameworks": {"jax": {"version": "0", "gpu": False, "device": "cpu", "peak": 1e11}}}
+CANNED = {"cpu": "a test CPU", "isa": ["avx2"], "cores": 2, "thp": "madvise", "python": "3.11", "gpu": False,
+          "peak": 1e11, "frameworks": {"jax": {"version": "0", "gpu": False, "device": "cpu", "peak": 1e11}}}
 
 
 @pytest.fixture
@@ -47,9 +47,10 @@ def table_lines(out: str, first_header: str) -> list[str]:
 def test_train_runs_both_frameworks(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)   # restored after the test
     out, rows = run_bench(["train", *TINY, "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0",
-                           "--modes", "jit,eager", "--default-malloc"], tmp_path, capsys)
+                           "--modes", "jit,eager", "--malloc", "default"], tmp_path, capsys)
     peaks = [line.split()[0] for line in out.splitlines() if " matmul peak " in line]
     assert peaks == ["jax", "torch"]
+    assert re.search(r"; huge pages (always|madvise|never|none)\) · python", out)
     table = table_lines(out, "framework")
     assert table[0].split() == ["framework", "mode", "ms/step", "tokens/s", "MFU", "peak", "mem", "compile", "s"]
     assert [line.split()[:2] for line in table[1:3]] == [["jax", "jit"], ["torch", "eager"]]
@@ -61,7 +62,7 @@ def test_train_runs_both_frameworks(tmp_path, capsys, monkeypatch):
 
 def test_train_layouts_run_jax_per_attention_backend(tmp_path, capsys, canned_hardware, monkeypatch):
     # The JAX step itself is measured by the test above; here only which runs are made, the table,
-    # and the tuned malloc (the default) set for the workers and recorded.
+    # and the hugepages malloc (the default) set for the workers and recorded.
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)   # restored after the test
     monkeypatch.setattr(common, "in_worker", lambda fn, *args: fn(*args))
     monkeypatch.setattr(train_step, "measure_jax", lambda *args: {"seconds": 0.1, "compile_s": 1.0,
@@ -72,8 +73,19 @@ def test_train_layouts_run_jax_per_attention_backend(tmp_path, capsys, canned_ha
     assert table[0].split() == ["config", "attn_impl", "tokens", "ms/step", "tokens/s", "MFU"]
     assert [line.split()[:2] for line in table[1:]] == [["quickstart", "xla"], ["quickstart", "einsum"]]
     assert {r["framework"] for r in rows} == {"jax"} and "error" not in rows[0]
-    assert f"malloc tuned (GLIBC_TUNABLES={common.MALLOC_REUSE})" in out
-    assert {r["malloc"] for r in rows} == {"tuned"}
+    assert "malloc hugepages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)" in out
+    assert {r["malloc"] for r in rows} == {"hugepages"}
+
+
+def test_each_malloc_setting_reaches_the_spawned_workers(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)   # restored after the test
+    for name, tunables in common.MALLOCS.items():
+        assert common.use_malloc(name) == name
+        assert common.in_worker(os.getenv, "GLIBC_TUNABLES") == tunables
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert common.malloc_label() == "GLIBC_TUNABLES=glibc.malloc.arena_max=2"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["profile", "--malloc", "jemalloc"])
 
 
 def test_time_steps_resets_the_peak_after_the_first_call():
@@ -120,7 +132,7 @@ def test_decode_rows_per_batch(tmp_path, capsys, canned_hardware):
 
 def test_mesh_compares_strategies(tmp_path, capsys, canned_hardware):
     out, rows = run_bench(["mesh", *TINY, "--batch", "4", "--seq", "16", "--steps", "1", "--warmup", "0",
-                           "--default-malloc"], tmp_path, capsys)
+                           "--malloc", "default"], tmp_path, capsys)
     table = table_lines(out, "strategy")
     assert [line.split()[0] for line in table[1:]] == ["dp", "fsdp"]
     assert [r["strategy"] for r in rows] == ["dp", "fsdp"]
