@@ -99,7 +99,11 @@ def init_state(cfg: Config, tx: optax.GradientTransformation) -> dict:
     training, so the state holds no RNG key; a stochastic layer would fold one from
     (train.seed, step), which resumes exactly with no key saved."""
     key = jax.random.key(cfg.train.seed)
-    params = model.init_params(cfg.model, jax.random.fold_in(key, 0))
+    return state_at_start(model.init_params(cfg.model, jax.random.fold_in(key, 0)), tx)
+
+
+def state_at_start(params, tx: optax.GradientTransformation) -> dict:
+    """The state at step 0 around `params`: fresh ones, or another run's (--init-from)."""
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
@@ -173,9 +177,8 @@ def initial_state(cfg: Config, tx, manager, init_from: str | None, shardings: di
     except checkpoint.CheckpointError as err:
         raise ConfigError(f"--init-from {init_from}: {err}; {fix}") from None
     say(f"initialized parameters from {source} step {source_step}")
-    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-    step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings["step"])()
-    return {"params": params, "opt_state": opt_state, "step": step}
+    start = jax.jit(state_at_start, static_argnums=1, out_shardings=shardings, donate_argnums=0)
+    return start(params, tx)
 
 
 # --- Evaluation ----------------------------------------------------------------------------------

@@ -223,7 +223,7 @@ def header(command: str, hw: dict, extra: str = "") -> str:
     lines = [f"bench.py {command} · {now:%Y-%m-%d %H:%M} UTC · {hw['cpu']}, {hw['cores']} cores "
              f"({' '.join(hw['isa']) or 'no vector extensions listed'}; huge pages {hw['thp']}) · "
              f"python {hw['python']}"]
-    settings = [f"{k}={os.environ[k]}" for k in ("XLA_FLAGS", *AVX2_ENV) if os.environ.get(k)]
+    settings = [f"{k}={os.environ[k]}" for k in ("XLA_FLAGS", "GLIBC_TUNABLES", *AVX2_ENV) if os.environ.get(k)]
     if settings:
         lines.append("environment: " + " ".join(settings))
     for name, f in hw["frameworks"].items():

@@ -19,7 +19,6 @@ cache in either framework.
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import warnings
 
@@ -233,13 +232,11 @@ def layouts_table(rows: list[dict]) -> str:
 
 
 def memory_note(gpu: bool) -> str:
-    """The header's line on what "peak mem" is and the malloc the workers run with."""
-    malloc, tunables = common.malloc_label(), os.environ.get("GLIBC_TUNABLES")
-    if tunables and not malloc.startswith("GLIBC_TUNABLES"):
-        malloc += f" (GLIBC_TUNABLES={tunables})"
+    """The header's line on what "peak mem" is and the malloc the workers run with (its
+    tunables are on the header's environment line)."""
     peak = ("the device allocator's peak since the worker began" if gpu else "the worker's resident-set "
             "high-water mark after its first step, above its size with the framework started")
-    return f"malloc {malloc}; peak mem: {peak} (benchmarks/train_step.py)"
+    return f"malloc {common.malloc_label()}; peak mem: {peak} (benchmarks/train_step.py)"
 
 
 def run(args) -> list[dict]:

@@ -73,7 +73,7 @@ def test_train_layouts_run_jax_per_attention_backend(tmp_path, capsys, canned_ha
     assert table[0].split() == ["config", "attn_impl", "tokens", "ms/step", "tokens/s", "MFU"]
     assert [line.split()[:2] for line in table[1:]] == [["quickstart", "xla"], ["quickstart", "einsum"]]
     assert {r["framework"] for r in rows} == {"jax"} and "error" not in rows[0]
-    assert "malloc hugepages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)" in out
+    assert "\nenvironment: GLIBC_TUNABLES=glibc.malloc.hugetlb=1\n" in out and "\nmalloc hugepages; peak mem:" in out
     assert {r["malloc"] for r in rows} == {"hugepages"}
 
 

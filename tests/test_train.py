@@ -287,6 +287,10 @@ def test_init_from_takes_parameters_only(tiny_run, tmp_path):
         state = train.initial_state(cfg, tx, manager, str(tiny_run), shardings)
     assert int(state["step"]) == 0
     jax.tree.map(np.testing.assert_array_equal, state["params"], restored_params(tiny_run))
+    jax.tree.map(np.testing.assert_array_equal, state["opt_state"], tx.init(state["params"]))  # muon's, fresh
+    placed = jax.tree.leaves(state)
+    assert len(placed) == len(jax.tree.leaves(shardings))
+    assert all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(placed, jax.tree.leaves(shardings)))
 
 
 def test_resume_with_another_optimizer_fails_in_one_line(corpus, tiny_run, tmp_path):
