@@ -16,6 +16,7 @@ import gc
 import logging
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -78,6 +79,9 @@ def quiet():
     """Mute what Orbax prints around a damaged checkpoint (absl warnings, leftovers of abandoned
     reads), so the caller reports it in one line."""
     _drop_orbax_leftovers()
+    # An abandoned read that never started warns through `warnings` when collected, here or later.
+    # Added on every call, since a test harness resets the warning filters between tests.
+    warnings.filterwarnings("ignore", r"coroutine '[^']*_read_array_index", RuntimeWarning)
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.CRITICAL)
