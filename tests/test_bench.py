@@ -84,7 +84,8 @@ def test_each_malloc_setting_reaches_the_spawned_workers(monkeypatch):
         assert common.in_worker(os.getenv, "GLIBC_TUNABLES") == tunables
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     assert common.malloc_label() == "GLIBC_TUNABLES=glibc.malloc.arena_max=2"
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=r"^error: argument --malloc: invalid choice: 'jemalloc' \(choose from "
+                       r"'hugepages', 'default', 'tuned'\)$"):
         bench.parse_args(["profile", "--malloc", "jemalloc"])
 
 

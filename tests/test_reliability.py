@@ -322,6 +322,8 @@ def test_a_config_that_is_not_a_python_preset_is_one_line(argv):
     (["corpus.py", "inspect"], "error: the following arguments are required: dir"),
     (["checkpoint.py", "verfy", "runs/x"], "error: argument command: invalid choice: 'verfy' (choose from 'verify')"),
     (["bench.py", "loader", "--steps", "x"], "error: argument --steps: invalid positive value: 'x'"),
+    (["bench.py", "profile", "--malloc", "jemalloc"],
+     "error: argument --malloc: invalid choice: 'jemalloc' (choose from 'hugepages', 'default', 'tuned')"),
     (["sample.py", "--top-k", "x"], "error: argument --top-k: invalid int value: 'x'"),
 ])
 def test_argument_errors_are_one_line_without_usage(argv, message):
