@@ -9,6 +9,7 @@ runs head-major [B, K, G, T, E]: both chosen by measurement (notes/benchmarks.md
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -140,19 +141,75 @@ def _einsum_attention(q_BKGTE, k_BKSE, v_BKSE, mask_BTS, scale):
     return jnp.einsum("bkgts,bkse->bkgte", probs, v_BKSE)
 
 
+def _block_scores(q_BKGTE, k_BKSE, start: int, scale: float):
+    """Scaled scores of the queries at positions [start, start + T) over keys [0, S), float32,
+    the keys after each query at the floor that softmax gives zero weight."""
+    t, s = q_BKGTE.shape[3], k_BKSE.shape[2]
+    mask_TS = jnp.arange(s)[None, :] <= jnp.arange(start, start + t)[:, None]
+    scores = jnp.einsum("bkgte,bkse->bkgts", q_BKGTE, k_BKSE, preferred_element_type=jnp.float32)
+    return jnp.where(mask_TS, scores * scale, jnp.finfo(jnp.float32).min)
+
+
+def _causal_block_fwd(q_BKGTE, k_BKSE, v_BKSE, start, scale):
+    scores = _block_scores(q_BKGTE, k_BKSE, start, scale)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores - top)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    # Normalizing the [T, E] output rather than the [T, S] weights: one division per value, not per score.
+    out = jnp.einsum("bkgts,bkse->bkgte", weights.astype(v_BKSE.dtype), v_BKSE, preferred_element_type=jnp.float32)
+    out = (out / total).astype(v_BKSE.dtype)
+    return out, (q_BKGTE, k_BKSE, v_BKSE, out, top + jnp.log(total))
+
+
+def _causal_block_bwd(start, scale, residuals, dout_BKGTE):
+    """FlashAttention's backward (Dao, 2023): the probabilities again from the scores and the
+    log-sum-exp, and softmax's row term as rowsum(dO * O) over E, which equals rowsum(dP * P)
+    over S (O = P V) but reads [T, E] rather than [T, S]."""
+    q_BKGTE, k_BKSE, v_BKSE, out_BKGTE, lse = residuals
+    probs = jnp.exp(_block_scores(q_BKGTE, k_BKSE, start, scale) - lse)
+    row = jnp.sum(dout_BKGTE.astype(jnp.float32) * out_BKGTE.astype(jnp.float32), axis=-1, keepdims=True)
+    dprobs = jnp.einsum("bkgte,bkse->bkgts", dout_BKGTE, v_BKSE, preferred_element_type=jnp.float32)
+    dscores = (probs * (dprobs - row) * scale).astype(q_BKGTE.dtype)
+    dq = jnp.einsum("bkgts,bkse->bkgte", dscores, k_BKSE)
+    dk = jnp.einsum("bkgts,bkgte->bkse", dscores, q_BKGTE)
+    dv = jnp.einsum("bkgts,bkgte->bkse", probs.astype(v_BKSE.dtype), dout_BKGTE)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _causal_block(q_BKGTE, k_BKSE, v_BKSE, start: int, scale: float):
+    """Softmax attention of the queries at [start, start + T) over keys [0, S), causally masked."""
+    return _causal_block_fwd(q_BKGTE, k_BKSE, v_BKSE, start, scale)[0]
+
+
+_causal_block.defvjp(_causal_block_fwd, _causal_block_bwd)
+
+
 def _causal_einsum_attention(q_BKGTE, k_BKSE, v_BKSE, scale):
     """Causal self-attention in query blocks: block [start, end) attends only to keys [0, end), so
     the fully masked blocks above the diagonal are never computed. Blocks of at least 64 queries,
     at most 8 of them, a size chosen by timing whole training steps (notes/benchmarks.md)."""
     t = q_BKGTE.shape[3]
     block = max(64, -(-t // 8))
-    outs = []
-    for start in range(0, t, block):
-        end = min(start + block, t)
-        mask_TS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-        outs.append(_einsum_attention(q_BKGTE[:, :, :, start:end], k_BKSE[:, :, :end], v_BKSE[:, :, :end],
-                                      mask_TS[None], scale))
+    outs = [_causal_block(q_BKGTE[:, :, :, start:start + block], k_BKSE[:, :, :start + block],
+                          v_BKSE[:, :, :start + block], start, scale) for start in range(0, t, block)]
     return jnp.concatenate(outs, axis=3)
+
+
+def cudnn_fits(cfg) -> bool:
+    """cuDNN flash attention's shape rules: 16-bit compute, head_dim a multiple of 8 up to 128."""
+    return cfg.compute_dtype in ("bfloat16", "float16") and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
+
+
+def attention_backend(cfg, platform: str) -> str:
+    """cfg.attn_impl as it runs on `platform` (a jax.default_backend() name). "auto" is the backend
+    measured fastest there (notes/benchmarks.md): the blocked einsums on a CPU, cuDNN's flash
+    attention on a GPU where its shape rules allow, XLA's jax.nn.dot_product_attention otherwise."""
+    if cfg.attn_impl != "auto":
+        return cfg.attn_impl
+    if platform == "cpu":
+        return "einsum"
+    return "cudnn" if platform == "gpu" and cudnn_fits(cfg) else "xla"
 
 
 def attend(q_BTKGE, k_BKSE, v_BKSE, mask_BTS, impl):
@@ -215,7 +272,8 @@ def attention(p, x_ND, cfg, batch, positions, mask_BTS=None, kv=None):
         key_BKSE = jax.lax.dynamic_update_slice(cache_k, key_BKSE.astype(cache_k.dtype), (0, 0, index, 0))
         value_BKSE = jax.lax.dynamic_update_slice(cache_v, value_BKSE.astype(cache_v.dtype), (0, 0, index, 0))
         kv = (key_BKSE, value_BKSE, index)
-    out_BTKGE = attend(q, key_BKSE.astype(dtype), value_BKSE.astype(dtype), mask_BTS, cfg.attn_impl)
+    impl = attention_backend(cfg, jax.default_backend())
+    out_BTKGE = attend(q, key_BKSE.astype(dtype), value_BKSE.astype(dtype), mask_BTS, impl)
     y = matmul(out_BTKGE.reshape(x_ND.shape[0], cfg.n_heads * e), p["wo"])
     return (y + p["bo"].astype(dtype) if "bo" in p else y), kv
 

@@ -102,18 +102,13 @@ def measure_torch(cfg: Config, batch: dict, steps: int, warmup: int, mode: str, 
 # --- Cases ---------------------------------------------------------------------------------------
 
 
-def cudnn_fits(cfg, gpu: bool) -> bool:
-    """cuDNN flash attention's shape rules: a GPU, 16-bit compute, head_dim a multiple of 8 up to 128."""
-    return gpu and cfg.compute_dtype in ("bfloat16", "float16") and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
-
-
 def bench_config(cfg: Config, batch: int, dtype: str | None, gpu: bool) -> Config:
-    """The preset as measured: `dtype` compute (None: bfloat16 on a GPU, float32 on a CPU), cuDNN
-    attention where it fits, one micro-batch of `batch` sequences, one device. Optimizer settings
-    stay the preset's."""
+    """The preset as measured: `dtype` compute (None: bfloat16 on a GPU, float32 on a CPU), the
+    attention backend it runs there (layers.attention_backend: "auto" named as resolved), one
+    micro-batch of `batch` sequences, one device. Optimizer settings stay the preset's."""
+    import layers  # here, not at the top: a worker sets its device count before JAX is imported
     model_cfg = dataclasses.replace(cfg.model, compute_dtype=dtype or ("bfloat16" if gpu else "float32"))
-    if cudnn_fits(model_cfg, gpu):
-        model_cfg = dataclasses.replace(model_cfg, attn_impl="cudnn")
+    model_cfg = dataclasses.replace(model_cfg, attn_impl=layers.attention_backend(model_cfg, "gpu" if gpu else "cpu"))
     return dataclasses.replace(cfg, model=model_cfg, mesh=MeshConfig(),
                                train=dataclasses.replace(cfg.train, batch_size=batch, grad_accum=1))
 
@@ -242,6 +237,7 @@ def memory_note(gpu: bool) -> str:
 def run(args) -> list[dict]:
     """`bench.py train`: the --config model or the suite, each mode; with --layouts, JAX alone
     under each attention backend."""
+    import layers
     cases(args, gpu=False)  # config errors fail before minutes are spent on workers
     hw = common.hardware(("jax", "torch") if not args.layouts else ("jax",))
     print(common.header("train", hw, f"MFU is over the highest matmul peak, {hw['peak'] / 1e9:,.0f} GFLOP/s\n"
@@ -250,7 +246,7 @@ def run(args) -> list[dict]:
     for cfg, seq in cases(args, hw["gpu"]):
         if args.layouts:
             for impl in ATTN_IMPLS:
-                if impl != "cudnn" or cudnn_fits(cfg.model, hw["gpu"]):
+                if impl != "cudnn" or (hw["gpu"] and layers.cudnn_fits(cfg.model)):
                     layout = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_impl=impl))
                     rows += run_case(layout, seq, args, hw, modes=("jit",))
             continue

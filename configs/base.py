@@ -149,7 +149,7 @@ class ModelConfig(_Validated):
     # Attention.
     qk_norm: bool = False
     attn_bias: bool = False          # biases on the QKV and output projections
-    attn_impl: str = "xla"           # xla | cudnn | einsum
+    attn_impl: str = "auto"          # auto (layers.attention_backend) | einsum | xla | cudnn
     # MLP.
     mlp: str = "swiglu"              # a key of MLPS: swiglu | geglu | silu | gelu | gelu_tanh | relu2
     d_ff: int | None = None          # None: derived by d_ff_rule
@@ -193,7 +193,7 @@ class ModelConfig(_Validated):
         _choice(s, "norm", self.norm, ("rmsnorm", "layernorm"))
         _choice(s, "norm_position", self.norm_position, ("pre", "post"))
         _choice(s, "pos", self.pos, ("rope", "learned", "none"))
-        _choice(s, "attn_impl", self.attn_impl, ("xla", "cudnn", "einsum"))
+        _choice(s, "attn_impl", self.attn_impl, ("auto", "einsum", "xla", "cudnn"))
         _choice(s, "remat", self.remat, ("none", "dots", "full"))
         _choice(s, "mlp", self.mlp, tuple(MLPS))
         _choice(s, "d_ff_rule", self.d_ff_rule, ("auto", "4x", "8/3"))

@@ -8,7 +8,6 @@ config = Config(
         vocab_size=257, vocab_multiple=64, seq_len=256,
         n_layers=4, d_model=256, n_heads=4, d_ff=704,
         norm="rmsnorm", pos="rope", mlp="swiglu", tie_embeddings=True,
-        attn_impl="einsum",   # blocked causal einsums: the fastest backend on CPU (notes/benchmarks.md)
     ),
     data=DataConfig(path="data/stdlib", val_tokens=32_768),
     optim=OptimConfig(lr=2e-3, warmup_steps=20, schedule="cosine", min_lr_ratio=0.1),

@@ -11,7 +11,6 @@ config = Config(
         vocab_size=257, vocab_multiple=64, seq_len=256,
         n_layers=4, d_model=256, n_heads=4,
         norm="rmsnorm", pos="rope", mlp="swiglu", tie_embeddings=True,
-        attn_impl="einsum",   # blocked causal einsums: the fastest backend on CPU (notes/benchmarks.md)
         n_experts=8, top_k=2, expert_ff=352, capacity_factor=1.25, aux_loss=0.01, router_z_loss=0.001,
     ),
     data=DataConfig(path="data/stdlib", val_tokens=32_768),

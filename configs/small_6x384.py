@@ -10,7 +10,6 @@ config = Config(
         n_layers=6, d_model=384, n_heads=6,
         norm="layernorm", norm_bias=True, pos="learned",
         attn_bias=True, mlp="gelu", mlp_bias=True, tie_embeddings=True,
-        attn_impl="einsum",   # blocked causal einsums: the fastest backend on CPU (notes/benchmarks.md)
     ),
     data=DataConfig(path="data/stdlib", val_tokens=65_536),
     optim=OptimConfig(lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1),

@@ -101,6 +101,40 @@ def test_attend_matches_reference(impl, k, g):
     assert_close(np.asarray(out, np.float32), expected, 2e-2 if dtype == jnp.bfloat16 else REL)
 
 
+def test_auto_attention_backend_per_platform():
+    bf16 = dict(compute_dtype="bfloat16")
+    assert layers.attention_backend(tiny(), "cpu") == "einsum"
+    assert layers.attention_backend(tiny(**bf16), "gpu") == "cudnn"
+    assert layers.attention_backend(tiny(), "gpu") == "xla"                           # float32: not cuDNN's
+    assert layers.attention_backend(tiny(head_dim=12, **bf16), "gpu") == "xla"        # not a multiple of 8
+    assert layers.attention_backend(tiny(head_dim=256, d_model=512, **bf16), "gpu") == "xla"
+    assert layers.attention_backend(tiny(**bf16), "tpu") == "xla"
+    assert layers.attention_backend(tiny(attn_impl="xla"), "cpu") == "xla"            # a named backend stays
+    assert layers.attention_backend(tiny(attn_impl="einsum", **bf16), "gpu") == "einsum"
+
+
+@pytest.mark.parametrize("k, g", [(4, 1), (2, 2)], ids=["mha", "gqa"])
+def test_blocked_attention_gradients_match_float64_autograd(k, g):
+    """The einsum attention's own backward (FlashAttention's, over query blocks of 64: here
+    64 + 64 + 22 queries) against PyTorch's autograd of the plain masked softmax in float64."""
+    import torch
+    b, t, e = 2, 150, 8
+    q, key, v, dout = randn(b, t, k, g, e), randn(b, t, k, e), randn(b, t, k, e), randn(b, t, k, g, e)
+    head_major = lambda a: jnp.asarray(a).transpose(0, 2, 1, 3)
+    loss = lambda q, key_BKSE, v_BKSE: jnp.sum(layers.attend(q, key_BKSE, v_BKSE, None, "einsum") * dout)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(q), head_major(key), head_major(v))
+
+    tq, tk, tv = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, key, v))
+    heads = lambda a: a.repeat_interleave(g, dim=2).permute(0, 2, 1, 3)     # [B, H, T, E], query head h -> kv h // g
+    scores = tq.reshape(b, t, k * g, e).permute(0, 2, 1, 3) @ heads(tk).transpose(-1, -2) / math.sqrt(e)
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), -torch.inf)
+    out = (scores.softmax(-1) @ heads(tv)).permute(0, 2, 1, 3)
+    (out.reshape(dout.shape) * torch.tensor(dout, dtype=torch.float64)).sum().backward()
+    assert_close(grads[0], tq.grad.numpy(), REL, "dq")
+    assert_close(np.asarray(grads[1]).transpose(0, 2, 1, 3), tk.grad.numpy(), REL, "dk")
+    assert_close(np.asarray(grads[2]).transpose(0, 2, 1, 3), tv.grad.numpy(), REL, "dv")
+
+
 @pytest.mark.parametrize("opts", [
     dict(), dict(n_kv_heads=2, qk_norm=True), dict(n_kv_heads=1, attn_bias=True, pos="none"),
     dict(qk_norm=True, norm_scale=False, yarn_factor=2.0),
