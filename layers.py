@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs.base import ConfigError
+
 # --- Matmul weights ------------------------------------------------------------------------------
 
 
@@ -133,21 +135,22 @@ def apply_rope(x, cos, sin):
 # --- Attention -----------------------------------------------------------------------------------
 
 
-def _einsum_attention(q_BKGTE, k_BKSE, v_BKSE, mask_BTS, scale):
+def _scores(q_BKGTE, k_BKSE, mask, scale):
+    """Scaled float32 scores [B, K, G, T, S], the keys `mask` (broadcast to them) hides at a finite
+    floor, not -inf: a row with every key masked then gives a uniform, not NaN, softmax."""
     scores = jnp.einsum("bkgte,bkse->bkgts", q_BKGTE, k_BKSE, preferred_element_type=jnp.float32)
-    # A finite floor, not -inf: a row with every key masked then gives a uniform, not NaN, softmax.
-    scores = jnp.where(mask_BTS[:, None, None], scores * scale, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSE.dtype)
-    return jnp.einsum("bkgts,bkse->bkgte", probs, v_BKSE)
+    return jnp.where(mask, scores * scale, jnp.finfo(jnp.float32).min)
+
+
+def _einsum_attention(q_BKGTE, k_BKSE, v_BKSE, mask_BTS, scale):
+    probs = jax.nn.softmax(_scores(q_BKGTE, k_BKSE, mask_BTS[:, None, None], scale), axis=-1)
+    return jnp.einsum("bkgts,bkse->bkgte", probs.astype(v_BKSE.dtype), v_BKSE)
 
 
 def _block_scores(q_BKGTE, k_BKSE, start: int, scale: float):
-    """Scaled scores of the queries at positions [start, start + T) over keys [0, S), float32,
-    the keys after each query at the floor that softmax gives zero weight."""
+    """_scores of the queries at positions [start, start + T) over keys [0, S), causally masked."""
     t, s = q_BKGTE.shape[3], k_BKSE.shape[2]
-    mask_TS = jnp.arange(s)[None, :] <= jnp.arange(start, start + t)[:, None]
-    scores = jnp.einsum("bkgte,bkse->bkgts", q_BKGTE, k_BKSE, preferred_element_type=jnp.float32)
-    return jnp.where(mask_TS, scores * scale, jnp.finfo(jnp.float32).min)
+    return _scores(q_BKGTE, k_BKSE, jnp.arange(s)[None, :] <= jnp.arange(start, start + t)[:, None], scale)
 
 
 def _causal_block_fwd(q_BKGTE, k_BKSE, v_BKSE, start, scale):
@@ -202,14 +205,18 @@ def cudnn_fits(cfg) -> bool:
 
 
 def attention_backend(cfg, platform: str) -> str:
-    """cfg.attn_impl as it runs on `platform` (a jax.default_backend() name). "auto" is the backend
-    measured fastest there (notes/benchmarks.md): the blocked einsums on a CPU, cuDNN's flash
-    attention on a GPU where its shape rules allow, XLA's jax.nn.dot_product_attention otherwise."""
+    """cfg.attn_impl as training runs it on `platform` (a jax.default_backend() name). "auto" is the
+    backend measured fastest there (notes/benchmarks.md): the blocked einsums on a CPU, cuDNN's
+    flash attention on a GPU where its shape rules allow, XLA's jax.nn.dot_product_attention
+    otherwise. "cudnn" where it cannot run is a ConfigError naming what it needs."""
+    fits = platform == "gpu" and cudnn_fits(cfg)
+    if cfg.attn_impl == "cudnn" and not fits:
+        raise ConfigError(f"model.attn_impl='cudnn' needs a GPU, model.compute_dtype bfloat16 or float16 and "
+                          f"head_dim a multiple of 8 up to 128 (here: {platform}, {cfg.compute_dtype}, head_dim "
+                          f"{cfg.head_dim}); choose 'auto', 'einsum' or 'xla'")
     if cfg.attn_impl != "auto":
         return cfg.attn_impl
-    if platform == "cpu":
-        return "einsum"
-    return "cudnn" if platform == "gpu" and cudnn_fits(cfg) else "xla"
+    return "einsum" if platform == "cpu" else "cudnn" if fits else "xla"
 
 
 def attend(q_BTKGE, k_BKSE, v_BKSE, mask_BTS, impl):
@@ -272,7 +279,8 @@ def attention(p, x_ND, cfg, batch, positions, mask_BTS=None, kv=None):
         key_BKSE = jax.lax.dynamic_update_slice(cache_k, key_BKSE.astype(cache_k.dtype), (0, 0, index, 0))
         value_BKSE = jax.lax.dynamic_update_slice(cache_v, value_BKSE.astype(cache_v.dtype), (0, 0, index, 0))
         kv = (key_BKSE, value_BKSE, index)
-    impl = attention_backend(cfg, jax.default_backend())
+    # Over a cache attend always runs the einsums, so a run trained with cuDNN still decodes on a CPU.
+    impl = "einsum" if mask_BTS is not None else attention_backend(cfg, jax.default_backend())
     out_BTKGE = attend(q, key_BKSE.astype(dtype), value_BKSE.astype(dtype), mask_BTS, impl)
     y = matmul(out_BTKGE.reshape(x_ND.shape[0], cfg.n_heads * e), p["wo"])
     return (y + p["bo"].astype(dtype) if "bo" in p else y), kv

@@ -31,6 +31,7 @@ from tensorboardX import SummaryWriter  # noqa: E402
 import checkpoint
 import cli
 import data
+import layers
 import model
 import optimizer
 import plot
@@ -272,6 +273,7 @@ class Trainer:
     def __init__(self, cfg: Config, args):
         self.cfg, self.dir = cfg, run_dir(cfg)
         data.check_dataset(cfg)    # missing data or an unwritable run_dir: one line before anything is built
+        say(f"attention: {layers.attention_backend(cfg.model, jax.default_backend())}")   # cuDNN off a GPU: here too
         checkpoint.prepare_run_dir(self.dir)
         self.mesh = sharding.make_mesh(cfg.mesh)
         sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, self.mesh)

@@ -8,7 +8,7 @@ import pytest
 
 import layers
 import np_reference as ref
-from configs.base import MLPS, ModelConfig
+from configs.base import MLPS, ConfigError, ModelConfig
 from numerics import assert_close
 
 REL = 1e-5    # float32 against float64, relative to each tensor's scale
@@ -111,6 +111,25 @@ def test_auto_attention_backend_per_platform():
     assert layers.attention_backend(tiny(**bf16), "tpu") == "xla"
     assert layers.attention_backend(tiny(attn_impl="xla"), "cpu") == "xla"            # a named backend stays
     assert layers.attention_backend(tiny(attn_impl="einsum", **bf16), "gpu") == "einsum"
+    assert layers.attention_backend(tiny(attn_impl="cudnn", **bf16), "gpu") == "cudnn"
+    for cfg, platform, here in [(tiny(attn_impl="cudnn", **bf16), "cpu", "cpu, bfloat16, head_dim 8"),
+                                (tiny(attn_impl="cudnn"), "gpu", "gpu, float32, head_dim 8")]:
+        with pytest.raises(ConfigError) as err:
+            layers.attention_backend(cfg, platform)
+        assert str(err.value) == (f"model.attn_impl='cudnn' needs a GPU, model.compute_dtype bfloat16 or float16 and "
+                                  f"head_dim a multiple of 8 up to 128 (here: {here}); choose 'auto', 'einsum' or 'xla'")
+
+
+def test_a_cudnn_run_still_attends_over_a_cache_off_a_gpu():
+    """Decoding always runs the einsums, so a run trained with cuDNN samples on a CPU."""
+    cfg, b, t = tiny(attn_impl="cudnn"), 2, 3
+    k, e, d = cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+    p = {"wqkv": jnp.asarray(randn(d, k, cfg.n_heads // k + 2, e, scale=0.2)),
+         "wo": jnp.asarray(randn(cfg.n_heads, e, d, scale=0.2))}
+    cache = jnp.zeros((b, k, cfg.seq_len, e))
+    mask_BTS = jnp.broadcast_to(jnp.arange(cfg.seq_len) < t, (b, t, cfg.seq_len))
+    out, _ = layers.attention(p, jnp.asarray(randn(b * t, d)), cfg, b, jnp.arange(t), mask_BTS, (cache, cache, 0))
+    assert out.shape == (b * t, d) and bool(jnp.all(jnp.isfinite(out)))
 
 
 @pytest.mark.parametrize("k, g", [(4, 1), (2, 2)], ids=["mha", "gqa"])

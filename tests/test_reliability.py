@@ -289,6 +289,15 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(corpus, tmp_path):
     assert (tmp_path / "file").read_text() == "not a directory"
 
 
+def test_cudnn_attention_off_a_gpu_is_one_line_before_anything_is_built(corpus, tmp_path):
+    proc = run_train(corpus, tmp_path / "run", "model.attn_impl=cudnn", check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    message = one_line(proc.stderr)
+    assert message.startswith("error: model.attn_impl='cudnn' needs a GPU, model.compute_dtype bfloat16 or float16")
+    assert message.endswith("(here: cpu, float32, head_dim 16); choose 'auto', 'einsum' or 'xla'")
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_files_given_to_the_tools_are_one_line(tiny_run, tmp_path):
     (tmp_path / "out").write_text("a file")
     with pytest.raises(SystemExit) as err:
