@@ -273,13 +273,14 @@ class Trainer:
     def __init__(self, cfg: Config, args):
         self.cfg, self.dir = cfg, run_dir(cfg)
         data.check_dataset(cfg)    # missing data or an unwritable run_dir: one line before anything is built
-        say(f"attention: {layers.attention_backend(cfg.model, jax.default_backend())}")   # cuDNN off a GPU: here too
+        attention = layers.attention_backend(cfg.model, jax.default_backend())   # cuDNN off a GPU: here too
         checkpoint.prepare_run_dir(self.dir)
         self.mesh = sharding.make_mesh(cfg.mesh)
         sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, self.mesh)
         self.tx, schedule = optimizer.make_optimizer(cfg)
         abstract, shardings = state_layout(cfg, self.tx, self.mesh)
         say(sharding.table(cfg.model, cfg.mesh.strategy, self.mesh, abstract, shardings))
+        say(f"attention: {attention}")
         self.manager = checkpoint.checkpoint_manager(self.dir / "checkpoints", cfg.train.keep_checkpoints)
         self.state = initial_state(cfg, self.tx, self.manager, args.init_from, shardings)
         self.start = int(self.state["step"])
