@@ -351,13 +351,15 @@ class GPT(nn.Module):
         model.loss_fn: an optional mask weights the tokens. Returns (loss, metrics)."""
         aux = {}
         logits_NV = self.logits(self.hidden(inputs_BT, aux))
-        ce_N = F.cross_entropy(logits_NV, targets_BT.reshape(-1), reduction="none")
+        targets_N = targets_BT.reshape(-1)
+        ce_N = F.cross_entropy(logits_NV, targets_N, reduction="none")
         weights_N = torch.ones_like(ce_N) if mask_BT is None else mask_BT.reshape(-1).float()
         tokens = weights_N.sum()
         mean = lambda x_N: (weights_N * x_N).sum() / tokens.clamp(min=1.0)
-        # z is logged either way, as JAX does; it is differentiated only when it is in the loss.
+        # z is logged either way, as JAX does; it is differentiated only when it is in the loss. The
+        # log-sum-exp is the cross-entropy plus the target's logit: no second pass over [N, V].
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.cfg.z_loss)):
-            z = mean(torch.square(torch.logsumexp(logits_NV, dim=-1)))
+            z = mean(torch.square(ce_N + logits_NV.gather(1, targets_N[:, None])[:, 0]))
         ce = mean(ce_N)
         loss = ce + self.cfg.z_loss * z if self.cfg.z_loss else ce
         return loss + sum(aux.values()), {"ce": ce, "z": z, "tokens": tokens, **aux}
