@@ -11,7 +11,7 @@
     python bench.py mesh [--config configs/NAME.py] [section.field=value ...] [--batch 8] [--seq 256]
         [--steps 5] [--warmup 2]                                     # dp vs fsdp, simulated devices
     python bench.py profile [--config configs/NAME.py] [section.field=value ...] [--batch 8] [--seq 256]
-        [--steps 3] [--warmup 2] [--dtype D] [--avx2]                # a JAX step's time per op category
+        [--steps 3] [--warmup 2] [--dtype D] [--avx2] [--twin]       # a step's time per op category
     python bench.py ab [--config configs/NAME.py] [section.field=value ...] --variant base
         --variant NAME:section.field=value,xla_cpu_...=value [--rounds 12] [--batch 8] [--seq 256]
         [--warmup 2] [--dtype float32|bfloat16]                      # settings paired in one process
@@ -123,7 +123,7 @@ def add_others(commands, shared) -> None:
     p.add_argument("--steps", type=positive, default=5)
     p.add_argument("--warmup", type=non_negative, default=2)
     add_malloc(p)
-    p = commands.add_parser("profile", parents=[shared], help="where a JAX training step's time goes, per op category")
+    p = commands.add_parser("profile", parents=[shared], help="where a training step's time goes, per op category (JAX; --twin: and PyTorch)")
     p.add_argument("--config", help="a preset file (default configs/small_6x384.py)")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     p.add_argument("--batch", type=positive, default=8)
@@ -132,7 +132,8 @@ def add_others(commands, shared) -> None:
     p.add_argument("--warmup", type=non_negative, default=2)
     add_dtype(p)
     add_malloc(p)
-    p.add_argument("--avx2", action="store_true", help="cap XLA's kernels at AVX2")
+    p.add_argument("--avx2", action="store_true", help="cap the kernels at AVX2 (AVX2_ENV in benchmarks/common.py)")
+    p.add_argument("--twin", action="store_true", help="the PyTorch twin's eager step beside JAX's (CPU only)")
     p = commands.add_parser("ab", parents=[shared], help="JAX steps under several settings, paired in one process")
     p.add_argument("--config", help="a preset file (default configs/small_6x384.py)")
     p.add_argument("overrides", nargs="*", help="section.field=value, for every variant")

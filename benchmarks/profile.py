@@ -9,6 +9,11 @@ the categories add up to about the step's wall time when ops run one after anoth
 when independent ops overlap; "busy in ops" gives both that sum and the process's CPU time over
 the wall time. On a GPU the events are the kernels on the device's streams, each named by the
 instruction XLA launched it for, so "busy in ops" is the share of the step the GPU computed.
+
+With --twin (CPU only), the PyTorch twin's eager step is profiled the same way beside it
+(torch.profiler): each aten op's self time, on the thread that called it, summed into the same
+categories. The two columns then say which framework spends more outside the weight matmuls, the
+part of a small model's step that decides the race on a CPU whose two matmul libraries are equal.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from benchmarks import common, train_step
 from cli import format_table
+from configs.base import ConfigError
 from configs.load import load_config, preset_path
 
 CATEGORIES = {
@@ -185,32 +191,99 @@ def profile_worker(cfg, batch: dict, steps: int, warmup: int) -> dict:
             "top": {k: v / steps for k, v in per_op.most_common(12)}}
 
 
-def table(result: dict) -> str:
-    """Per category: ms/step and share of the op time; then the whole, the buffers, the phases and
-    the slowest instructions."""
-    busy = sum(result["categories"].values())
-    rows = [("category", "ms/step", "share", "what it holds")]
-    for name, what in CATEGORIES.items():
-        seconds = result["categories"].get(name, 0.0)
-        rows.append((name, f"{1e3 * seconds:,.1f}", f"{seconds / busy:.0%}", what))
-    wall = result["wall_s"]
-    rows.append(("all ops", f"{1e3 * busy:,.1f}", "100%", f"step wall {1e3 * wall:,.1f} ms (traced); busy in ops "
-                 f"{busy / wall:.2f} (a GPU's kernels, or a CPU's cores), the process's cores {result['cpu_s'] / wall:.2f}"))
-    lines = [format_table(rows, right=(1, 2)),
-             f"XLA's buffers: state and batch {result['argument_bytes'] / 2**20:,.0f} MiB (donated), "
-             f"temporaries {result['temp_bytes'] / 2**20:,.0f} MiB",
-             "by phase: " + ", ".join(f"{name} {1e3 * result['phases'].get(name, 0.0):,.1f} ms" for name in PHASES),
-             "\nslowest instructions:",
-             format_table([("instruction", "ms/step")] + [(k, f"{1e3 * v:,.2f}") for k, v in result["top"].items()],
-                          right=(1,))]
+# PyTorch's aten ops by name. The matmul kernels are named; the rest by what the op computes. Views,
+# allocation, autograd's engine and the optimizer's Python are the framework's own time: "other".
+_TORCH_WEIGHT = {"aten::mm", "aten::addmm"}
+_TORCH_ATTENTION = ("aten::bmm", "aten::baddbmm", "scaled_dot_product", "flash_attention")
+_TORCH_REDUCTIONS = ("sum", "mean", "norm", "softmax", "nll_loss", "cross_entropy", "logsumexp", "aten::max")
+_TORCH_MOVES = {"aten::copy_", "aten::cat", "aten::stack", "aten::clone", "aten::_to_copy", "aten::roll",
+                "aten::slice_backward", "aten::select_backward", "aten::constant_pad_nd"}
+_TORCH_FILLS = {"aten::fill_", "aten::zero_", "aten::zeros", "aten::zeros_like", "aten::ones_like", "aten::full"}
+_TORCH_ELEMENTWISE = ("add", "sub", "mul", "div", "neg", "exp", "log", "tanh", "sigmoid", "silu", "gelu", "erf",
+                      "sqrt", "pow", "where", "clamp", "cos", "sin", "fused_adam", "lerp", "addc", "masked_fill",
+                      "threshold", "relu", "dropout")
+
+
+def torch_category(name: str) -> str:
+    """The category of one aten op (a torch.profiler event name)."""
+    if name in _TORCH_WEIGHT:
+        return "weight matmuls"
+    if any(key in name for key in _TORCH_ATTENTION):
+        return "attention matmuls"
+    if not name.startswith("aten::"):
+        return "other"
+    if any(key in name for key in _TORCH_REDUCTIONS):
+        return "reductions"
+    if name in _TORCH_MOVES:
+        return "copies and transposes"
+    if name in _TORCH_FILLS:
+        return "buffer fills"
+    op = name.removeprefix("aten::").strip("_")
+    return "elementwise" if any(op.startswith(key) for key in _TORCH_ELEMENTWISE) else "other"
+
+
+def torch_profile_worker(cfg, batch: dict, steps: int, warmup: int) -> dict:
+    """The twin's eager step under torch.profiler, as profile_worker does JAX's (in a spawned worker)."""
+    import time
+
+    import torch
+
+    step, inputs, targets = train_step.torch_step(cfg, batch, "eager", "cpu")
+    for _ in range(warmup + 1):
+        step(inputs, targets)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start, cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            step(inputs, targets)
+        wall, cpu = (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+    per_category, per_op = Counter(), Counter()
+    for event in prof.key_averages():
+        per_category[torch_category(event.key)] += event.self_cpu_time_total / 1e6 / steps
+        per_op[event.key] += event.self_cpu_time_total / 1e6 / steps
+    return {"wall_s": wall, "cpu_s": cpu, "categories": dict(per_category), "top": dict(per_op.most_common(12))}
+
+
+def table(result: dict, twin: dict | None = None) -> str:
+    """Per category: ms/step and share of the op time, the twin's beside them where profiled; the
+    whole and what lies outside the weight matmuls; then each step's wall, XLA's buffers, the
+    phases and the slowest instructions."""
+    results = {"JAX": result, **({"PyTorch eager": twin} if twin else {})}
+    busy = {name: sum(r["categories"].values()) for name, r in results.items()}
+    rows = [("category", *(cell for name in results for cell in (f"{name} ms/step", "share")), "what it holds")]
+
+    def row(label: str, seconds_of, what: str) -> tuple:
+        cells = [(1e3 * seconds_of(r), seconds_of(r) / busy[name]) for name, r in results.items()]
+        return (label, *(cell for ms, share in cells for cell in (f"{ms:,.1f}", f"{share:.0%}")), what)
+    for category, what in CATEGORIES.items():
+        rows.append(row(category, lambda r: r["categories"].get(category, 0.0), what))
+    total = lambda r: sum(r["categories"].values())
+    rows.append(row("all ops", total, "summed over the ops; the walls below"))
+    rows.append(row("outside the weight matmuls", lambda r: total(r) - r["categories"].get("weight matmuls", 0.0),
+                    "what decides a small model's step where the two matmul libraries are equal"))
+    lines = [format_table(rows, right=range(1, 2 * len(results) + 1))]
+    for name, r in results.items():
+        wall = r["wall_s"]
+        lines.append(f"{name}: step wall {1e3 * wall:,.1f} ms (traced); busy in ops {busy[name] / wall:.2f} (a GPU's "
+                     f"kernels, or a CPU's cores); the process's cores {r['cpu_s'] / wall:.2f}")
+    phases = ", ".join(f"{name} {1e3 * result['phases'].get(name, 0.0):,.1f} ms" for name in PHASES)
+    lines += [f"XLA's buffers: state and batch {result['argument_bytes'] / 2**20:,.0f} MiB (donated), "
+              f"temporaries {result['temp_bytes'] / 2**20:,.0f} MiB", f"JAX by phase: {phases}"]
+    for name, r in results.items():
+        slowest = [("op", "ms/step")] + [(op, f"{1e3 * seconds:,.2f}") for op, seconds in r["top"].items()]
+        lines += [f"\n{name}: slowest ops", format_table(slowest, right=(1,))]
     return "\n".join(lines)
 
 
 def run(args) -> list[dict]:
-    """`bench.py profile`: the table for --config (default the 6x384 suite shape). On a GPU, XLA's
-    command buffers are turned off for the worker: kernels replayed from one keep no `hlo_op`."""
+    """`bench.py profile`: the table for --config (default the 6x384 suite shape), with --twin the
+    PyTorch twin's eager step beside it. On a GPU, XLA's command buffers are turned off for the
+    worker: kernels replayed from one keep no `hlo_op`."""
     config = load_config(args.config or str(preset_path("small_6x384")), args.overrides)
-    hw = common.hardware(("jax",))
+    if args.twin:
+        train_step.check_twin(config)
+    hw = common.hardware(("jax", "torch") if args.twin else ("jax",))
+    if hw["gpu"] and args.twin:
+        raise ConfigError("--twin profiles the PyTorch twin on a CPU only; leave it out on a GPU")
     cfg = train_step.bench_config(config, args.batch, args.dtype, hw["gpu"])
     if hw["gpu"]:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer=".strip()
@@ -218,8 +291,11 @@ def run(args) -> list[dict]:
                         f"attn_impl {cfg.model.attn_impl}, malloc {common.malloc_label()}; "
                         f"{args.steps} traced steps after {args.warmup + 1}"))
     batch = common.make_batch(args.batch, args.seq, cfg.model.vocab_size)
-    result = common.in_worker(profile_worker, cfg, batch, args.steps, args.warmup)
-    if "error" in result:
-        raise SystemExit(f"error: the profiled worker failed: {result['error']}")
-    print("\n" + table(result))
-    return [{"config": cfg.name, "batch": args.batch, "seq": args.seq, **result}]
+    workers = {"jax": profile_worker, **({"torch": torch_profile_worker} if args.twin else {})}
+    results = {name: common.in_worker(worker, cfg, batch, args.steps, args.warmup) for name, worker in workers.items()}
+    for name, result in results.items():
+        if "error" in result:
+            raise SystemExit(f"error: the profiled {name} worker failed: {result['error']}")
+    print("\n" + table(results["jax"], results.get("torch")))
+    return [{"framework": name, "config": cfg.name, "batch": args.batch, "seq": args.seq, **result}
+            for name, result in results.items()]

@@ -75,22 +75,31 @@ def measure_jax(cfg: Config, batch: dict, steps: int, warmup: int) -> dict:
     return {"seconds": seconds, "compile_s": first - seconds, "peak_mem_bytes": peak}
 
 
-def measure_torch(cfg: Config, batch: dict, steps: int, warmup: int, mode: str, gpu: bool) -> dict:
+def torch_step(cfg: Config, batch: dict, mode: str, device: str):
+    """The twin's step as torch/train.py builds it (mode "compile": its loss under torch.compile),
+    and `batch` on `device`: (step, inputs, targets)."""
     import torch
-    if gpu and not torch.cuda.is_available():
-        raise RuntimeError("JAX sees a GPU but this PyTorch build has no CUDA")
-    device = "cuda" if gpu else "cpu"
-    # Compile from scratch, as JAX does (its persistent compilation cache is off by default).
-    torch.compiler.config.force_disable_caches = True
-    warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
     twin, twin_train = common.load_twin("model"), common.load_twin("train")
-    base = common.rss_bytes()
     torch.manual_seed(0)
     module = twin.GPT(cfg.model).to(device)
     opt, schedule = twin_train.make_optimizer(module, cfg)
     loss_fn = torch.compile(module.loss) if mode == "compile" else module.loss
     step = twin_train.make_step(module, opt, schedule, cfg.optim.clip_norm, loss_fn)
     inputs, targets = (torch.as_tensor(batch[k], dtype=torch.long, device=device) for k in ("inputs", "targets"))
+    return step, inputs, targets
+
+
+def measure_torch(cfg: Config, batch: dict, steps: int, warmup: int, mode: str, gpu: bool) -> dict:
+    import torch
+    if gpu and not torch.cuda.is_available():
+        raise RuntimeError("JAX sees a GPU but this PyTorch build has no CUDA")
+    # Compile from scratch, as JAX does (its persistent compilation cache is off by default).
+    torch.compiler.config.force_disable_caches = True
+    warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
+    for name in ("model", "train"):   # imported before the baseline: only the model's memory counts
+        common.load_twin(name)
+    base = common.rss_bytes()
+    step, inputs, targets = torch_step(cfg, batch, mode, "cuda" if gpu else "cpu")
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     # JAX's allocator peak cannot be reset, so on a GPU neither is PyTorch's.
     reset = (lambda: None) if gpu else common.reset_peak_rss
@@ -113,6 +122,13 @@ def bench_config(cfg: Config, batch: int, dtype: str | None, gpu: bool) -> Confi
                                train=dataclasses.replace(cfg.train, batch_size=batch, grad_accum=1))
 
 
+def check_twin(cfg: Config) -> None:
+    """A ConfigError, before anything is built, where the PyTorch twin cannot run `cfg`'s step."""
+    if cfg.optim.name != "adamw":
+        raise ConfigError(f"{cfg.name}: optim.name={cfg.optim.name!r}, but the PyTorch twin has AdamW "
+                          f"only; add optim.name=adamw")
+
+
 def cases(args, gpu: bool) -> list[tuple[Config, int]]:
     """(config as measured, seq) for --config or the suite; config errors fail in one line."""
     if args.config:
@@ -126,9 +142,8 @@ def cases(args, gpu: bool) -> list[tuple[Config, int]]:
         if seq > cfg.model.max_len:
             raise ConfigError(f"--seq {seq} exceeds {cfg.name}'s context of {cfg.model.max_len} tokens "
                               f"(model.seq_len)")
-        if cfg.optim.name != "adamw" and not args.layouts and set(args.modes) != {"jit"}:
-            raise ConfigError(f"{cfg.name}: optim.name={cfg.optim.name!r}, but the PyTorch twin has AdamW "
-                              f"only; add optim.name=adamw")
+        if not args.layouts and set(args.modes) != {"jit"}:
+            check_twin(cfg)
         out.append((bench_config(cfg, batch, args.dtype, gpu), seq))
     return out
 

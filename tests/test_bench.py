@@ -152,6 +152,35 @@ def test_profile_splits_the_step_into_op_categories(tmp_path, capsys, canned_har
     assert set(seconds) <= set(profile.CATEGORIES) and rows[0]["temp_bytes"] > 0
 
 
+def test_profile_puts_the_twins_step_beside_jaxs(tmp_path, capsys, canned_hardware, monkeypatch):
+    monkeypatch.setattr(common, "in_worker", lambda fn, *args: fn(*args))
+    out, rows = run_bench(["profile", *TINY, "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0",
+                           "--twin"], tmp_path, capsys)
+    table = table_lines(out, "category")
+    assert re.split(r"\s{2,}", table[0]) == ["category", "JAX ms/step", "share", "PyTorch eager ms/step", "share",
+                                             "what it holds"]
+    assert table[len(profile.CATEGORIES) + 2].startswith("outside the weight matmuls ")
+    assert [row["framework"] for row in rows] == ["jax", "torch"]
+    jax_s, torch_s = rows[0]["categories"], rows[1]["categories"]
+    assert set(torch_s) <= set(profile.CATEGORIES)
+    # The twin's linears, its attention, its norms and its activations land where JAX's do.
+    assert all(torch_s[name] > 0 for name in ("weight matmuls", "attention matmuls", "reductions", "elementwise"))
+    assert sum(torch_s.values()) <= 1.05 * rows[1]["wall_s"] and sum(jax_s.values()) > 0
+    assert "PyTorch eager: slowest ops" in out and "aten::" in out
+
+
+@pytest.mark.parametrize("name, category", [
+    ("aten::addmm", "weight matmuls"), ("aten::mm", "weight matmuls"), ("aten::bmm", "attention matmuls"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention matmuls"),
+    ("aten::native_layer_norm_backward", "reductions"), ("aten::_log_softmax", "reductions"),
+    ("aten::sum", "reductions"), ("aten::gelu_backward", "elementwise"), ("aten::_fused_adamw_", "elementwise"),
+    ("aten::add_", "elementwise"), ("aten::copy_", "copies and transposes"), ("aten::fill_", "buffer fills"),
+    ("aten::embedding_dense_backward", "other"), ("aten::view", "other"),
+    ("autograd::engine::evaluate_function: AddmmBackward0", "other"), ("Optimizer.step#AdamW.step", "other")])
+def test_torch_ops_fall_into_jaxs_categories(name, category):
+    assert profile.torch_category(name) == category
+
+
 def test_ab_pairs_config_and_compile_option_variants(tmp_path, capsys, canned_hardware, monkeypatch):
     monkeypatch.setattr(common, "in_worker", lambda fn, *args: fn(*args))
     out, rows = run_bench(["ab", *TINY, "--batch", "2", "--seq", "16", "--rounds", "3", "--warmup", "0",
@@ -240,6 +269,7 @@ def test_avx2_cap_reaches_both_frameworks_and_the_header(monkeypatch):
     (["train", "--config", "configs/quickstart.py", "--modes", "jit,fast"], "comma-separated subset"),
     (["train", "--config", "configs/quickstart.py", "model.n_layer=2"], "unknown key 'model.n_layer'"),
     (["train", "--config", "configs/quickstart.py", "optim.name=muon"], "the PyTorch twin has AdamW only"),
+    (["profile", "--twin", "optim.name=muon"], "the PyTorch twin has AdamW only"),
     (["decode", "--new", "1"], "--new must be at least 2"),
     (["loader", "--steps", "0"], "must be a positive integer"),
     (["ab", "--variant", "a=b"], "--variant 'a=b': give NAME or NAME:ITEM,ITEM"),
