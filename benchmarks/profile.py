@@ -1,4 +1,4 @@
-"""Where a JAX training step's time goes, per category of operation: `python bench.py profile`.
+"""Where a training step's time goes, per category of operation: `python bench.py profile`.
 
 train.py's step (as `bench.py train` builds it) runs under jax.profiler for a few steps. Every
 event in the trace whose name is a top-level instruction of the compiled program (an XLA
@@ -194,14 +194,16 @@ def profile_worker(cfg, batch: dict, steps: int, warmup: int) -> dict:
 # PyTorch's aten ops by name. The matmul kernels are named; the rest by what the op computes. Views,
 # allocation, autograd's engine and the optimizer's Python are the framework's own time: "other".
 _TORCH_WEIGHT = {"aten::mm", "aten::addmm"}
-_TORCH_ATTENTION = ("aten::bmm", "aten::baddbmm", "scaled_dot_product", "flash_attention")
-_TORCH_REDUCTIONS = ("sum", "mean", "norm", "softmax", "nll_loss", "cross_entropy", "logsumexp", "aten::max")
+_TORCH_ATTENTION = ("aten::bmm", "scaled_dot_product")
+_TORCH_REDUCTIONS = ("sum", "mean", "norm", "softmax", "nll_loss", "cross_entropy", "logsumexp")
 _TORCH_MOVES = {"aten::copy_", "aten::cat", "aten::stack", "aten::clone", "aten::_to_copy", "aten::roll",
                 "aten::slice_backward", "aten::select_backward", "aten::constant_pad_nd"}
 _TORCH_FILLS = {"aten::fill_", "aten::zero_", "aten::zeros", "aten::zeros_like", "aten::ones_like", "aten::full"}
+_TORCH_VIEWS = ("view", "as_strided", "lift_fresh", "expand", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "t",
+                "detach", "alias", "slice", "select", "split", "unbind", "empty")
 _TORCH_ELEMENTWISE = ("add", "sub", "mul", "div", "neg", "exp", "log", "tanh", "sigmoid", "silu", "gelu", "erf",
-                      "sqrt", "pow", "where", "clamp", "cos", "sin", "fused_adam", "lerp", "addc", "masked_fill",
-                      "threshold", "relu", "dropout")
+                      "sqrt", "rsqrt", "square", "reciprocal", "pow", "where", "clamp", "cos", "sin", "fused_adam",
+                      "lerp", "masked_fill", "threshold", "relu", "dropout", "maximum", "minimum")
 
 
 def torch_category(name: str) -> str:
@@ -212,13 +214,15 @@ def torch_category(name: str) -> str:
         return "attention matmuls"
     if not name.startswith("aten::"):
         return "other"
-    if any(key in name for key in _TORCH_REDUCTIONS):
+    op = name.removeprefix("aten::").strip("_").removeprefix("foreach_")   # the clip's _foreach_mul_
+    if op in ("max", "amax", "min", "amin") or any(key in op for key in _TORCH_REDUCTIONS):
         return "reductions"
     if name in _TORCH_MOVES:
         return "copies and transposes"
     if name in _TORCH_FILLS:
         return "buffer fills"
-    op = name.removeprefix("aten::").strip("_")
+    if op in _TORCH_VIEWS or op.split("_")[0] in _TORCH_VIEWS or op.endswith("_view"):
+        return "other"
     return "elementwise" if any(op.startswith(key) for key in _TORCH_ELEMENTWISE) else "other"
 
 
@@ -248,7 +252,8 @@ def table(result: dict, twin: dict | None = None) -> str:
     whole and what lies outside the weight matmuls; then each step's wall, XLA's buffers, the
     phases and the slowest instructions."""
     results = {"JAX": result, **({"PyTorch eager": twin} if twin else {})}
-    busy = {name: sum(r["categories"].values()) for name, r in results.items()}
+    total = lambda r: sum(r["categories"].values())
+    busy = {name: total(r) for name, r in results.items()}
     rows = [("category", *(cell for name in results for cell in (f"{name} ms/step", "share")), "what it holds")]
 
     def row(label: str, seconds_of, what: str) -> tuple:
@@ -256,11 +261,13 @@ def table(result: dict, twin: dict | None = None) -> str:
         return (label, *(cell for ms, share in cells for cell in (f"{ms:,.1f}", f"{share:.0%}")), what)
     for category, what in CATEGORIES.items():
         rows.append(row(category, lambda r: r["categories"].get(category, 0.0), what))
-    total = lambda r: sum(r["categories"].values())
     rows.append(row("all ops", total, "summed over the ops; the walls below"))
     rows.append(row("outside the weight matmuls", lambda r: total(r) - r["categories"].get("weight matmuls", 0.0),
                     "what decides a small model's step where the two matmul libraries are equal"))
     lines = [format_table(rows, right=range(1, 2 * len(results) + 1))]
+    if twin:
+        lines.append("PyTorch's attention matmuls are its fused attention, softmax included, and any bmm; its "
+                     "other holds autograd's engine, views, allocation and the optimizer's Python")
     for name, r in results.items():
         wall = r["wall_s"]
         lines.append(f"{name}: step wall {1e3 * wall:,.1f} ms (traced); busy in ops {busy[name] / wall:.2f} (a GPU's "
@@ -292,10 +299,11 @@ def run(args) -> list[dict]:
                         f"{args.steps} traced steps after {args.warmup + 1}"))
     batch = common.make_batch(args.batch, args.seq, cfg.model.vocab_size)
     workers = {"jax": profile_worker, **({"torch": torch_profile_worker} if args.twin else {})}
-    results = {name: common.in_worker(worker, cfg, batch, args.steps, args.warmup) for name, worker in workers.items()}
-    for name, result in results.items():
-        if "error" in result:
-            raise SystemExit(f"error: the profiled {name} worker failed: {result['error']}")
+    results = {}
+    for name, worker in workers.items():
+        results[name] = common.in_worker(worker, cfg, batch, args.steps, args.warmup)
+        if "error" in results[name]:
+            raise SystemExit(f"error: the profiled {name} worker failed: {results[name]['error']}")
     print("\n" + table(results["jax"], results.get("torch")))
     return [{"framework": name, "config": cfg.name, "batch": args.batch, "seq": args.seq, **result}
             for name, result in results.items()]

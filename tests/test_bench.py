@@ -175,7 +175,9 @@ def test_profile_puts_the_twins_step_beside_jaxs(tmp_path, capsys, canned_hardwa
     ("aten::native_layer_norm_backward", "reductions"), ("aten::_log_softmax", "reductions"),
     ("aten::sum", "reductions"), ("aten::gelu_backward", "elementwise"), ("aten::_fused_adamw_", "elementwise"),
     ("aten::add_", "elementwise"), ("aten::copy_", "copies and transposes"), ("aten::fill_", "buffer fills"),
-    ("aten::embedding_dense_backward", "other"), ("aten::view", "other"),
+    ("aten::_foreach_mul_", "elementwise"), ("aten::maximum", "elementwise"), ("aten::amax", "reductions"),
+    ("aten::embedding_dense_backward", "other"), ("aten::view", "other"), ("aten::expand", "other"),
+    ("aten::as_strided", "other"), ("aten::_unsafe_view", "other"),
     ("autograd::engine::evaluate_function: AddmmBackward0", "other"), ("Optimizer.step#AdamW.step", "other")])
 def test_torch_ops_fall_into_jaxs_categories(name, category):
     assert profile.torch_category(name) == category

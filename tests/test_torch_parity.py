@@ -129,6 +129,7 @@ def test_loss_mask_matches():
     _, torch_metrics = twin(cfg, params).loss(*torch_batch(toks, targets), torch.tensor(mask))
     assert torch_metrics["tokens"].item() == float(metrics["tokens"]) == B * T - 7
     assert_close(torch_metrics["ce"].item(), metrics["ce"], REL, what="masked cross-entropy")
+    assert_close(torch_metrics["z"].item(), metrics["z"], REL, what="masked z")
 
 
 def test_bfloat16_compute_stays_close():
