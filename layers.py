@@ -199,9 +199,11 @@ def _causal_einsum_attention(q_BKGTE, k_BKSE, v_BKSE, scale):
     return jnp.concatenate(outs, axis=3)
 
 
-def cudnn_fits(cfg) -> bool:
-    """cuDNN flash attention's shape rules: 16-bit compute, head_dim a multiple of 8 up to 128."""
-    return cfg.compute_dtype in ("bfloat16", "float16") and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
+def cudnn_fits(cfg, platform: str) -> bool:
+    """Whether cuDNN's flash attention runs `cfg` on `platform`: a GPU, 16-bit compute, head_dim a
+    multiple of 8 up to 128."""
+    shapes = cfg.compute_dtype in ("bfloat16", "float16") and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
+    return platform == "gpu" and shapes
 
 
 def attention_backend(cfg, platform: str) -> str:
@@ -209,7 +211,7 @@ def attention_backend(cfg, platform: str) -> str:
     backend measured fastest there (notes/benchmarks.md): the blocked einsums on a CPU, cuDNN's
     flash attention on a GPU where its shape rules allow, XLA's jax.nn.dot_product_attention
     otherwise. "cudnn" where it cannot run is a ConfigError naming what it needs."""
-    fits = platform == "gpu" and cudnn_fits(cfg)
+    fits = cudnn_fits(cfg, platform)
     if cfg.attn_impl == "cudnn" and not fits:
         raise ConfigError(f"model.attn_impl='cudnn' needs a GPU, model.compute_dtype bfloat16 or float16 and "
                           f"head_dim a multiple of 8 up to 128 (here: {platform}, {cfg.compute_dtype}, head_dim "

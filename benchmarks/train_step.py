@@ -261,7 +261,7 @@ def run(args) -> list[dict]:
     for cfg, seq in cases(args, hw["gpu"]):
         if args.layouts:
             for impl in ATTN_IMPLS:
-                if impl != "cudnn" or (hw["gpu"] and layers.cudnn_fits(cfg.model)):
+                if impl != "cudnn" or layers.cudnn_fits(cfg.model, "gpu" if hw["gpu"] else "cpu"):
                     layout = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_impl=impl))
                     rows += run_case(layout, seq, args, hw, modes=("jit",))
             continue

@@ -169,6 +169,13 @@ def test_profile_puts_the_twins_step_beside_jaxs(tmp_path, capsys, canned_hardwa
     assert "PyTorch eager: slowest ops" in out and "aten::" in out
 
 
+def test_profile_refuses_the_twin_on_a_gpu_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(common, "hardware", lambda frameworks=(): {**CANNED, "gpu": True})
+    with pytest.raises(SystemExit) as err:
+        run_bench(["profile", *TINY, "--twin"], tmp_path, capsys)
+    assert str(err.value) == "error: --twin profiles the PyTorch twin on a CPU only; leave it out on a GPU"
+
+
 @pytest.mark.parametrize("name, category", [
     ("aten::addmm", "weight matmuls"), ("aten::mm", "weight matmuls"), ("aten::bmm", "attention matmuls"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention matmuls"),
